@@ -1,0 +1,36 @@
+# The two set-up commands: `make test` and `make demo` create .venv and install the project when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch 2.14.1 and torchvision 0.29.1 are the releases this project is developed and tested against.
+TORCH_PINS := torch==2.14.1
+
+.PHONY: test demo lint bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PINS)" -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m implicit.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Benchmarks side by side with TorchDEQ 0.1.0, installed only here.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet torchdeq==0.1.0
+	$(PY) -m benchmarks.solver_overhead
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,180 @@
+"""``make_implicit``: a weight-tied block ``f(z, x) -> z`` becomes an equilibrium layer ``x -> z*``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .backward import BACKWARD_MODES, Problem
+from .options import ImplicitOptions, resolve_options
+from .pytree import State, StateLayout, all_finite, tree_tensors
+from .result import ImplicitInfo
+
+Block = Callable[[State, Any], State]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def equilibrium(
+    f: Block,
+    x: Any,
+    z0: State,
+    options: ImplicitOptions | None = None,
+    **overrides: Any,
+) -> tuple[State, ImplicitInfo]:
+    """Solve ``z* = f(z*, x)`` from ``z0`` and return ``(z*, info)`` with gradients per ``options.backward``.
+
+    The functional core of every implicit layer. ``z0`` fixes the state structure: a tensor or a nested
+    tuple/list/dict of tensors with a shared leading batch dimension; ``f`` must return the same structure, shapes
+    and dtypes. ``x`` is passed to ``f`` untouched (any object; its tensors are checked for non-finite values).
+    """
+    options = resolve_options(options, overrides)
+    if options.nonfinite_input != "ignore" and not all_finite(tree_tensors(x) + tree_tensors(z0)):
+        message = "non-finite values (NaN or Inf) in the injection x or the initial state z0"
+        if options.nonfinite_input == "raise":
+            raise ValueError(message + " (set nonfinite_input='warn' or 'ignore' to allow them)")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    layout = StateLayout(z0)
+
+    def fn(z: Tensor) -> Tensor:
+        return layout.flatten(f(layout.unflatten(z), x), what="the block's output")
+
+    mode = BACKWARD_MODES[options.backward]()
+    z_flat, info = mode.run(Problem(fn=fn, z0=layout.flatten(z0), options=options))
+    return layout.unflatten(z_flat), info
+
+
+class ImplicitMixin:
+    """Forward of an implicit layer; combined with an ``nn.Module`` that provides :meth:`block_forward`."""
+
+    implicit_options: ImplicitOptions
+    last_info: ImplicitInfo | None = None
+
+    def block_forward(self, z: State, x: Any) -> State:
+        """One application of the weight-tied block ``f(z, x)``."""
+        raise NotImplementedError
+
+    def initial_state(self, x: Any) -> State:
+        """The solve's default starting point: zeros shaped like the injection ``x``. Override (on the block or the
+        decorated class) when the state differs in shape from the injection."""
+        return pytree.tree_map(lambda t: torch.zeros_like(t) if isinstance(t, Tensor) else t, x)
+
+    def configure(self, **options: Any) -> ImplicitMixin:
+        """Change this layer's options (validated; per-call overrides stay possible). Returns the layer."""
+        self.implicit_options = resolve_options(self.implicit_options, options)
+        return self
+
+    def forward(self, x: Any, z0: State | None = None, **overrides: Any) -> Any:
+        """Solve ``z* = f(z*, x)``.
+
+        Args:
+            x: the injection, passed to the block as its second argument (tensor or any pytree).
+            z0: starting state (default :meth:`initial_state`). If it requires grad it receives a gradient: zero for
+                ``backward="implicit"`` (z* does not depend on z0), the unrolled derivative for ``"unrolled"``.
+            **overrides: per-call options, e.g. ``tol=1e-6, max_iter=100``.
+
+        Returns:
+            z* with the state's structure, or ``(z*, info)`` with ``return_info=True``. ``self.last_info`` holds the
+            info of the latest call; ``info.backward`` is filled when autograd runs this call's backward.
+        """
+        if z0 is None:
+            z0 = self.initial_state(x)
+        z, info = equilibrium(self.block_forward, x, z0, self.implicit_options, **overrides)
+        self.last_info = info
+        return (z, info) if (overrides.get("return_info", self.implicit_options.return_info)) else z
+
+
+class ImplicitModule(ImplicitMixin, nn.Module):
+    """An implicit layer around an existing block instance (``make_implicit(block, ...)``).
+
+    The block is held by reference (``self.block``): parameters are shared, not copied. ``state_dict()`` has exactly
+    the block's keys and ``load_state_dict`` accepts the block's state dict.
+    """
+
+    def __init__(self, block: nn.Module, options: ImplicitOptions | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.block = block
+        self.implicit_options = resolve_options(options, kwargs)
+        self.register_state_dict_post_hook(_drop_block_prefix)
+        self.register_load_state_dict_pre_hook(_add_block_prefix)
+
+    def block_forward(self, z: State, x: Any) -> State:
+        return self.block(z, x)
+
+    def initial_state(self, x: Any) -> State:
+        init = getattr(self.block, "initial_state", None)
+        return init(x) if callable(init) else super().initial_state(x)
+
+    def extra_repr(self) -> str:
+        o = self.implicit_options
+        return f"solver={o.solver!r}, backward={o.backward!r}, tol={o.tol:g}, max_iter={o.max_iter}"
+
+
+def _drop_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    inner = prefix + "block."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # per-module version records, keyed by module prefix without the trailing dot
+        for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
+            value = metadata.pop(key)
+            metadata[(prefix + key[len(inner) :]) if key.startswith(inner) else prefix[:-1]] = value
+
+
+def _add_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "block.")]:
+        state_dict[prefix + "block." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def _implicit_class(cls: type[ModuleT], options: ImplicitOptions) -> type[ModuleT]:
+    """A subclass of ``cls`` whose ``forward(x, z0=None, **overrides)`` solves for the equilibrium of
+    ``cls.forward(self, z, x)``. Same parameters and ``state_dict`` keys as ``cls``."""
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "implicit_options": options,
+        "block_forward": cls.forward,
+    }
+    if "initial_state" in dir(cls):
+        namespace["initial_state"] = cls.initial_state
+    return type(cls.__name__, (ImplicitMixin, cls), namespace)
+
+
+@overload
+def make_implicit(target: type[ModuleT], /, **options: Any) -> type[ModuleT]: ...
+@overload
+def make_implicit(target: nn.Module, /, **options: Any) -> ImplicitModule: ...
+@overload
+def make_implicit(target: None = None, /, **options: Any) -> Callable[[Any], Any]: ...
+
+
+def make_implicit(target: Any = None, /, **options: Any) -> Any:
+    """Turn a weight-tied block ``f(z, x) -> z`` into an equilibrium layer ``x -> z*`` with ``z* = f(z*, x)``.
+
+    Three forms::
+
+        @make_implicit(solver="anderson", tol=1e-4)      # class decorator: Block(...) builds the implicit layer
+        class Block(nn.Module):
+            def forward(self, z, x): ...
+
+        deq = make_implicit(block, solver="broyden")     # an existing instance, parameters shared
+        deq = make_implicit(Block)                       # a class, default options
+
+    Options are listed in :class:`~implicit.options.ImplicitOptions`; unknown names raise ``TypeError``.
+    The layer's ``forward(x, z0=None, **overrides)`` returns z* (same structure as the state).
+    """
+    resolved = resolve_options(None, options)
+    if target is None:
+        return lambda t: make_implicit(t, **options)
+    if isinstance(target, type):
+        if not issubclass(target, nn.Module):
+            raise TypeError(f"make_implicit decorates nn.Module subclasses, got class {target.__name__}")
+        return _implicit_class(target, resolved)
+    if isinstance(target, nn.Module):
+        return ImplicitModule(target, resolved)
+    raise TypeError(f"make_implicit expects an nn.Module instance or subclass, got {type(target).__name__}")

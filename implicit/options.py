@@ -1,0 +1,146 @@
+"""The options of an implicit layer, validated and normalised in one place.
+
+Every public entry point (``make_implicit``, per-call overrides, :func:`implicit.equilibrium`) goes through
+:func:`resolve_options`, so an unknown or misspelled name, a bad value or a solver option the chosen solver does not
+take raises before anything runs. The caller's dictionaries are copied, never mutated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .solvers import STOP_MODES, get_solver_class
+
+NONFINITE_POLICIES = ("raise", "warn", "ignore")
+DIVERGENCE_POLICIES = ("warn", "raise", "ignore")
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class ImplicitOptions:
+    """Options of an implicit layer (all keyword-only at the call sites).
+
+    Forward solve:
+        solver: ``"fixed_point"``, ``"anderson"`` or ``"broyden"``.
+        solver_options: the solver's own options (fixed_point: ``tau``; anderson: ``m``, ``beta``, ``lam``;
+            broyden: ``memory``).
+        tol, stop_mode: stop a sample when its residual ≤ tol; ``"rel"``: ‖f(z) − z‖/‖f(z)‖, ``"abs"``:
+            ‖f(z) − z‖/√N (root mean square per element, independent of the state size).
+        max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
+        check_every: iterations between residual checks (and host reads).
+    Backward:
+        backward: ``"implicit"`` (exact implicit-function-theorem gradient) or ``"unrolled"`` (autograd through the
+            iterations; reference, memory grows with the iterations).
+        backward_solver, backward_solver_options, backward_tol, backward_max_iter, backward_stop_mode: the linear
+            solve ``u = v + u J`` of ``"implicit"``.
+    Policies:
+        nonfinite_input: non-finite values in the injection or z0: ``"raise"``, ``"warn"`` or ``"ignore"``.
+        on_divergence: a forward or backward solve with diverged samples: ``"warn"``, ``"raise"`` or ``"ignore"``
+            (diverged samples are always reported in the info).
+        return_info: forward returns ``(z, info)`` instead of ``z``.
+    """
+
+    solver: str = "anderson"
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    tol: float = 1e-4
+    max_iter: int = 50
+    stop_mode: str = "rel"
+    check_every: int = 4
+    backward: str = "implicit"
+    backward_solver: str = "anderson"
+    backward_solver_options: Mapping[str, Any] = field(default_factory=dict)
+    backward_tol: float = 1e-6
+    backward_max_iter: int = 50
+    backward_stop_mode: str = "rel"
+    nonfinite_input: str = "raise"
+    on_divergence: str = "warn"
+    return_info: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "solver_options", _frozen(self.solver_options))
+        object.__setattr__(self, "backward_solver_options", _frozen(self.backward_solver_options))
+        _validate(self)
+
+    def replace(self, **changes: Any) -> ImplicitOptions:
+        """A copy with ``changes`` applied and validated (unknown names raise ``TypeError``)."""
+        return resolve_options(self, changes)
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the forward solve for :func:`implicit.solvers.solve`."""
+        return {
+            "solver": self.solver,
+            "solver_options": dict(self.solver_options),
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "stop_mode": self.stop_mode,
+            "check_every": self.check_every,
+        }
+
+    def backward_solver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the backward linear solve for :func:`implicit.solvers.solve`."""
+        return {
+            "solver": self.backward_solver,
+            "solver_options": dict(self.backward_solver_options),
+            "tol": self.backward_tol,
+            "max_iter": self.backward_max_iter,
+            "stop_mode": self.backward_stop_mode,
+            "check_every": self.check_every,
+        }
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ImplicitOptions))
+
+
+def resolve_options(base: ImplicitOptions | None, changes: Mapping[str, Any]) -> ImplicitOptions:
+    """``base`` (or the defaults) updated with ``changes``; raises ``TypeError`` for unknown names, naming the closest
+    valid one and listing all."""
+    unknown = [name for name in changes if name not in OPTION_NAMES]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(OPTION_NAMES)}")
+    if base is None:
+        return ImplicitOptions(**changes)
+    return dataclasses.replace(base, **changes)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"option {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"option {name} must be {what} ≥ {minimum}, got {value!r}")
+
+
+def _validate(o: ImplicitOptions) -> None:
+    from .backward import BACKWARD_MODES  # late import: backward modes use the options type
+
+    for prefix in ("", "backward_"):
+        solver = getattr(o, f"{prefix}solver")
+        cls = get_solver_class(solver)
+        cls.check_options(dict(getattr(o, f"{prefix}solver_options")), context=f"{prefix}solver_options")
+        cls(**getattr(o, f"{prefix}solver_options"))  # value checks live in the solver's constructor
+        _check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)
+        _check_number(f"{prefix}max_iter", getattr(o, f"{prefix}max_iter"), minimum=1, integer=True)
+        _check_choice(f"{prefix}stop_mode", getattr(o, f"{prefix}stop_mode"), STOP_MODES)
+    _check_number("check_every", o.check_every, minimum=1, integer=True)
+    _check_choice("backward", o.backward, tuple(BACKWARD_MODES))
+    _check_choice("nonfinite_input", o.nonfinite_input, NONFINITE_POLICIES)
+    _check_choice("on_divergence", o.on_divergence, DIVERGENCE_POLICIES)
+    if not isinstance(o.return_info, bool):
+        raise ValueError(f"option return_info must be a bool, got {o.return_info!r}")

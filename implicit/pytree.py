@@ -1,0 +1,127 @@
+"""Flat views of structured states.
+
+A DEQ state is a tensor or a (nested) tuple / list / dict of tensors that share a leading batch dimension B.
+Solvers work on one flat ``(B, N)`` matrix, N the number of elements per sample summed over leaves. A
+:class:`StateLayout` is built once per solve from the initial state and converts in both directions; it also checks
+that the block returns a state of the same structure, shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+State = Any  # a tensor or a nested tuple/list/dict of tensors
+
+
+def _leaf_names(tree: State) -> list[str]:
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [pytree.keystr(path) or "<state>" for path, _ in paths]
+
+
+def working_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype solvers compute in: the widest leaf dtype, at least float32 (half-precision states are solved in
+    float32, see algorithms.md §1.0)."""
+    dtype = torch.float32
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+class StateLayout:
+    """Converts a state pytree to a flat ``(B, N)`` matrix and back.
+
+    Args:
+        state: an example state (usually the initial state z0). Every leaf must be a floating-point tensor with at
+            least one dimension; all leaves share the batch size ``shape[0]`` and the device.
+    """
+
+    def __init__(self, state: State) -> None:
+        leaves, self.spec = pytree.tree_flatten(state)
+        self.names = _leaf_names(state)
+        if not leaves:
+            raise ValueError("the state has no tensors: expected a tensor or a tuple/list/dict of tensors")
+        for name, leaf in zip(self.names, leaves):
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"state leaf {name} is a {type(leaf).__name__}, expected a torch.Tensor")
+            if leaf.dim() == 0:
+                raise ValueError(f"state leaf {name} is a scalar; every leaf needs a leading batch dimension")
+            if not leaf.is_floating_point():
+                raise TypeError(f"state leaf {name} has dtype {leaf.dtype}; states must be floating point")
+        self.batch = leaves[0].shape[0]
+        for name, leaf in zip(self.names, leaves):
+            if leaf.shape[0] != self.batch:
+                raise ValueError(
+                    f"state leaf {name} has batch size {leaf.shape[0]} but {self.names[0]} has {self.batch}; "
+                    "all leaves share the leading batch dimension"
+                )
+            if leaf.device != leaves[0].device:
+                raise ValueError(f"state leaf {name} is on {leaf.device}, {self.names[0]} on {leaves[0].device}")
+        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.sizes = [math.prod(shape[1:]) for shape in self.shapes]
+        self.numel = sum(self.sizes)
+        self.dtype = working_dtype(self.dtypes)
+        self.device = leaves[0].device
+        self.single = self.spec.is_leaf()
+
+    # ------------------------------------------------------------------ conversions
+    def flatten(self, tree: State, *, what: str = "state") -> Tensor:
+        """Pytree -> ``(B, N)`` in the working dtype, after checking structure, shapes and dtypes against the layout.
+
+        ``what`` names the value in error messages (e.g. "the block's output").
+        """
+        if self.single:
+            if not isinstance(tree, Tensor):
+                raise ValueError(f"{what} is a {type(tree).__name__}, expected a tensor of shape {self.shapes[0]}")
+            self._check_leaf(0, tree, what)
+            return tree.reshape(self.batch, self.numel).to(self.dtype)
+        leaves, spec = pytree.tree_flatten(tree)
+        if spec != self.spec:
+            raise ValueError(
+                f"{what} has structure {pytree.treespec_pprint(spec)} but the state has "
+                f"{pytree.treespec_pprint(self.spec)}"
+            )
+        for i, leaf in enumerate(leaves):
+            self._check_leaf(i, leaf, what)
+        return torch.cat([leaf.reshape(self.batch, -1).to(self.dtype) for leaf in leaves], dim=1)
+
+    def unflatten(self, flat: Tensor) -> State:
+        """``(B, N)`` -> pytree with the layout's leaf shapes and dtypes (views where possible)."""
+        if self.single:
+            return flat.reshape(self.shapes[0]).to(self.dtypes[0])
+        parts = flat.split(self.sizes, dim=1)
+        leaves = [p.reshape(shape).to(dtype) for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def _check_leaf(self, i: int, leaf: Any, what: str) -> None:
+        name = self.names[i]
+        if not isinstance(leaf, Tensor):
+            raise ValueError(f"{what}: leaf {name} is a {type(leaf).__name__}, expected a tensor")
+        if tuple(leaf.shape) != self.shapes[i]:
+            raise ValueError(
+                f"{what}: leaf {name} has shape {tuple(leaf.shape)} but the state leaf has shape {self.shapes[i]}"
+            )
+        if leaf.dtype != self.dtypes[i] and not (leaf.is_floating_point() and _autocast_active(leaf.device)):
+            raise ValueError(f"{what}: leaf {name} has dtype {leaf.dtype} but the state leaf has {self.dtypes[i]}")
+
+
+def _autocast_active(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)
+
+
+def tree_tensors(tree: Any) -> list[Tensor]:
+    """All tensors among the leaves of ``tree`` (non-tensor leaves are skipped)."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """True when every floating-point tensor is finite; one host synchronisation for the whole list."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all())

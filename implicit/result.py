@@ -1,0 +1,93 @@
+"""Result records: what a solve returns and what an implicit layer reports about its forward and backward passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class SolverResult:
+    """Outcome of one batched fixed-point solve.
+
+    Shapes: B samples, N elements per sample (the flat state), C checks.
+
+    Attributes:
+        z: ``(B, N)`` returned point, per sample the best measured iterate.
+        abs: ``(B,)`` absolute residual of ``z``: ``‖f(z) − z‖ / √N`` (root mean square per element).
+        rel: ``(B,)`` relative residual of ``z``: ``‖f(z) − z‖ / (‖f(z)‖ + eps)``.
+        nstep: ``(B,)`` f-evaluations each sample used until it stopped (converged, diverged or budget).
+        nfe: f-evaluations of the whole batched solve.
+        converged: ``(B,)`` residual of ``z`` ≤ tol in the stopping mode.
+        diverged: ``(B,)`` a non-finite or exploding residual stopped the sample; ``z`` is its last finite best.
+        trace: ``(C, B)`` residual (stopping mode) of the iterate measured at each check.
+        trace_nfe: f-evaluation count at each check (length C).
+        stop_mode, tol: the stopping rule used.
+        state: solver internals handed on (e.g. Broyden's low-rank inverse-Jacobian factors).
+    """
+
+    z: Tensor
+    abs: Tensor
+    rel: Tensor
+    nstep: Tensor
+    nfe: int
+    converged: Tensor
+    diverged: Tensor
+    trace: Tensor
+    trace_nfe: list[int]
+    stop_mode: str
+    tol: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def residual(self) -> Tensor:
+        """``(B,)`` residual of ``z`` in the stopping mode."""
+        return self.rel if self.stop_mode == "rel" else self.abs
+
+    @property
+    def status(self) -> str:
+        """Human-readable summary, e.g. ``"converged (8/8)"`` or ``"3/8 converged, 1 diverged, 4 at max_iter"``."""
+        b = self.converged.numel()
+        conv = int(self.converged.sum())
+        div = int(self.diverged.sum())
+        if conv == b:
+            return f"converged ({b}/{b})"
+        parts = [f"{conv}/{b} converged"]
+        if div:
+            parts.append(f"{div} diverged (non-finite or exploding residual)")
+        if b - conv - div:
+            parts.append(f"{b - conv - div} stopped at the iteration budget")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        worst = float(self.residual.max()) if self.residual.numel() else float("nan")
+        return (
+            f"SolverResult({self.status}; nfe={self.nfe}, worst {self.stop_mode} residual {worst:.3g}, "
+            f"tol {self.tol:g})"
+        )
+
+
+@dataclass
+class ImplicitInfo:
+    """What an implicit layer did in one call.
+
+    Attributes:
+        forward: the forward solve.
+        backward: the backward (adjoint) solve, filled in when autograd runs the backward pass of this call; stays
+            ``None`` for backward modes without a linear solve (``"unrolled"``) or before ``backward()``.
+        backward_mode: the backward mode of this call.
+        tracked_nfe: f-evaluations with autograd tracking made in the forward pass, beyond the solve.
+    """
+
+    forward: SolverResult
+    backward_mode: str
+    backward: SolverResult | None = None
+    tracked_nfe: int = 0
+
+    @property
+    def backward_vjps(self) -> int:
+        """Vector-Jacobian products of the backward solve (0 before backward)."""
+        return 0 if self.backward is None else self.backward.nfe
+

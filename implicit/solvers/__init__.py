@@ -1,0 +1,58 @@
+"""Fixed-point solvers, looked up by name.
+
+Adding a solver: subclass :class:`~implicit.solvers.base.Solver` (options as keyword-only ``__init__`` arguments,
+``start`` and ``step``) and add it to :data:`SOLVERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..result import SolverResult
+from .anderson import Anderson
+from .base import STOP_MODES, FlatMap, Solver, iterate
+from .broyden import Broyden
+from .fixed_point import FixedPoint
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden)}
+
+
+def get_solver_class(name: str) -> type[Solver]:
+    """The solver class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
+
+
+def solve(
+    fn: FlatMap,
+    z0: Tensor,
+    *,
+    solver: str = "anderson",
+    solver_options: dict[str, Any] | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop_mode: str = "rel",
+    check_every: int = 4,
+    differentiable: bool = False,
+) -> SolverResult:
+    """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; see :func:`iterate`."""
+    cls = get_solver_class(solver)
+    options = dict(solver_options or {})
+    cls.check_options(options)
+    return iterate(
+        cls(**options),
+        fn,
+        z0,
+        tol=tol,
+        max_iter=max_iter,
+        stop_mode=stop_mode,
+        check_every=check_every,
+        differentiable=differentiable,
+    )
+
+
+__all__ = ["SOLVERS", "STOP_MODES", "Anderson", "Broyden", "FixedPoint", "Solver", "get_solver_class", "iterate", "solve"]
