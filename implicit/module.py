@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from .backward import BACKWARD_MODES, Problem
@@ -48,6 +50,29 @@ def equilibrium(
     return layout.unflatten(z_flat), info
 
 
+@contextmanager
+def parametrizations_cached(module: nn.Module) -> Iterator[None]:
+    """Evaluate every parametrised tensor of ``module`` (``torch.nn.utils.parametrizations`` weight norm, spectral
+    norm, orthogonal, ...) once, in the caller's grad mode, and reuse it for every f-evaluation inside the block.
+
+    One evaluation per layer call: the solve, the tracked call and the backward all see the same weights, spectral
+    norm's power iteration advances once per call, and gradients reach the original parameters.
+    """
+    parametrized = [
+        (owner, name)
+        for owner in module.modules()
+        if parametrize.is_parametrized(owner)
+        for name in owner.parametrizations
+    ]
+    if not parametrized:
+        yield
+        return
+    with parametrize.cached():
+        for owner, name in parametrized:
+            getattr(owner, name)
+        yield
+
+
 class ImplicitMixin:
     """Forward of an implicit layer; combined with an ``nn.Module`` that provides :meth:`block_forward`."""
 
@@ -83,7 +108,8 @@ class ImplicitMixin:
         """
         if z0 is None:
             z0 = self.initial_state(x)
-        z, info = equilibrium(self.block_forward, x, z0, self.implicit_options, **overrides)
+        with parametrizations_cached(self):  # type: ignore[arg-type]
+            z, info = equilibrium(self.block_forward, x, z0, self.implicit_options, **overrides)
         self.last_info = info
         return (z, info) if (overrides.get("return_info", self.implicit_options.return_info)) else z
 

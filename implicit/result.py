@@ -90,4 +90,3 @@ class ImplicitInfo:
     def backward_vjps(self) -> int:
         """Vector-Jacobian products of the backward solve (0 before backward)."""
         return 0 if self.backward is None else self.backward.nfe
-

@@ -55,4 +55,14 @@ def solve(
     )
 
 
-__all__ = ["SOLVERS", "STOP_MODES", "Anderson", "Broyden", "FixedPoint", "Solver", "get_solver_class", "iterate", "solve"]
+__all__ = [
+    "SOLVERS",
+    "STOP_MODES",
+    "Anderson",
+    "Broyden",
+    "FixedPoint",
+    "Solver",
+    "get_solver_class",
+    "iterate",
+    "solve",
+]
