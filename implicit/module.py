@@ -46,7 +46,7 @@ def equilibrium(
         return layout.flatten(f(layout.unflatten(z), x), what="the block's output")
 
     mode = BACKWARD_MODES[options.backward]()
-    z_flat, info = mode.run(Problem(fn=fn, z0=layout.flatten(z0), options=options))
+    z_flat, info = mode.run(Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout))
     return layout.unflatten(z_flat), info
 
 

@@ -91,9 +91,11 @@ class StateLayout:
         return torch.cat([leaf.reshape(self.batch, -1).to(self.dtype) for leaf in leaves], dim=1)
 
     def unflatten(self, flat: Tensor) -> State:
-        """``(B, N)`` -> pytree with the layout's leaf shapes and dtypes (views where possible)."""
+        """``(B, N)`` -> pytree with the layout's leaf shapes and dtypes (views where possible). A single-leaf state
+        may also be given in its own shape; it is then returned as it is (cast to the leaf dtype)."""
         if self.single:
-            return flat.reshape(self.shapes[0]).to(self.dtypes[0])
+            leaf = flat if tuple(flat.shape) == self.shapes[0] else flat.reshape(self.shapes[0])
+            return leaf.to(self.dtypes[0])
         parts = flat.split(self.sizes, dim=1)
         leaves = [p.reshape(shape).to(dtype) for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
         return pytree.tree_unflatten(leaves, self.spec)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..options import ImplicitOptions
+from ..pytree import StateLayout
 from ..result import ImplicitInfo, SolverResult
 from ..solvers import FlatMap, solve
 
@@ -27,11 +28,13 @@ class Problem:
             Calling it under grad mode records a graph to everything the block uses (parameters, injection, closures).
         z0: ``(B, N)`` initial point (may require grad).
         options: the validated options of this call.
+        layout: the state's layout (structure, leaf shapes and dtypes).
     """
 
     fn: FlatMap
     z0: Tensor
     options: ImplicitOptions
+    layout: StateLayout
 
     def solve_forward(self, *, differentiable: bool = False) -> SolverResult:
         z0 = self.z0 if differentiable else self.z0.detach()

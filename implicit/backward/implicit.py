@@ -67,13 +67,16 @@ class _ImplicitGradient(torch.autograd.Function):
     def forward(ctx: Any, tracked_fz: Tensor, z0: Tensor, z_star: Tensor, adjoint: _Adjoint) -> Tensor:
         ctx.adjoint = adjoint
         ctx.z0_shape = z0.shape
-        return z_star.clone()
+        layout = adjoint.problem.layout
+        # A single-leaf state leaves in its own shape, a fresh tensor (not a view: FSDP and in-place friendly).
+        return (z_star.reshape(layout.shapes[0]) if layout.single else z_star).clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        v = v.reshape(ctx.z0_shape)
         u = ctx.adjoint.solve(v) if ctx.needs_input_grad[0] else None
-        z0_grad = v.new_zeros(ctx.z0_shape) if ctx.needs_input_grad[1] else None
+        z0_grad = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
         return u, z0_grad, None, None
 
 

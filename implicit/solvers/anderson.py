@@ -14,7 +14,7 @@ class Anderson(Solver):
     """Anderson acceleration (type II) over a window of the last ``m`` iterates.
 
     Per sample it solves ``min_α ‖Σ α_i g_i‖² + λ_eff ‖α‖²`` subject to ``Σ α_i = 1`` with ``g_i = f(x_i) − x_i``,
-    via ``w = (GGᵀ/s + λ I)⁻¹ 1``, ``α = w / Σw``, where ``s`` is the mean squared residual of the window: the
+    via ``w = (GGᵀ + λ s I)⁻¹ 1``, ``α = w / Σw``, where ``s`` is the mean squared residual of the window: the
     regulariser is relative (λ_eff = λ·s), so it neither vanishes for large residuals nor dominates small ones.
     The next iterate is ``Σ α_i ((1 − β) x_i + β f(x_i))``; the first step is a plain (β-damped) step.
 
@@ -41,38 +41,46 @@ class Anderson(Solver):
     def start(self, z0: Tensor, differentiable: bool) -> None:
         super().start(z0, differentiable)
         batch, n = z0.shape
-        m = self.m
-        # Y holds the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i; ring buffers over m slots.
-        self.Y = z0.new_empty(batch, m, n)
-        self.G = z0.new_empty(batch, m, n)
-        self.gram = z0.new_zeros(batch, m, m)
-        self.eye = torch.eye(m, dtype=z0.dtype, device=z0.device)
-        self.ones = z0.new_ones(batch, m, 1)
-        self.tiny = torch.finfo(z0.dtype).tiny
+        # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i.
+        self.Y = z0.new_empty(batch, self.m, n)
+        self.G = z0.new_empty(batch, self.m, n)
+        self.eye = torch.eye(self.m, dtype=z0.dtype, device=z0.device)
+        self.ones = [z0.new_ones(batch, k, 1) for k in range(self.m + 1)]
+        # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
+        self.floor = torch.finfo(z0.dtype).tiny ** 0.5
         self.k = 0
+        self.views: dict[tuple[int, int], tuple[Tensor, ...]] = {}
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         slot = self.k % self.m
         n = min(self.k + 1, self.m)
         self.k += 1
         if self.differentiable:  # fresh buffers: autograd saved the old ones
-            self.Y, self.G, self.gram = self.Y.clone(), self.G.clone(), self.gram.clone()
+            self.Y, self.G = self.Y.clone(), self.G.clone()
             self.G[:, slot] = fz - z
             self.Y[:, slot] = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+            window, window_t, values, eye = self._views(slot, n)[:4]
         else:
-            torch.sub(fz, z, out=self.G[:, slot])
+            key = (slot, n)
+            views = self.views.get(key)
+            if views is None:
+                views = self.views[key] = self._views(slot, n)
+            window, window_t, values, eye, g_slot, y_slot = views
+            torch.sub(fz, z, out=g_slot)
             if self.beta == 1.0:
-                self.Y[:, slot].copy_(fz)
+                y_slot.copy_(fz)
             else:
-                torch.lerp(z, fz, self.beta, out=self.Y[:, slot])
-        window_g = self.G[:, :n]
-        # New Gram row g·G_iᵀ; (B, 1, N) @ (B, N, n) streams the window once.
-        row = torch.bmm(self.G[:, slot : slot + 1], window_g.transpose(1, 2))[:, 0]
-        self.gram[:, slot, :n] = row
-        self.gram[:, :n, slot] = row
-        gram = self.gram[:, :n, :n]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.tiny
-        system = torch.add(gram / scale[:, None, None], self.eye[:n, :n], alpha=self.lam)
-        w = torch.linalg.solve_ex(system, self.ones[:, :n]).result
+                torch.lerp(z, fz, self.beta, out=y_slot)
+        gram = torch.bmm(window, window_t)  # (B, n, n)
+        # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.floor
+        system = torch.addcmul(gram, scale[:, None, None], eye, value=self.lam)
+        w = torch.linalg.solve_ex(system, self.ones[n]).result
         alpha = w / w.sum(dim=1, keepdim=True)
-        return torch.bmm(alpha.transpose(1, 2), self.Y[:, :n])[:, 0]
+        return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
+
+    def _views(self, slot: int, n: int) -> tuple[Tensor, ...]:
+        """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)
+        (at most 2m of them) since creating views costs as much as a small kernel."""
+        window = self.G[:, :n]
+        return window, window.transpose(1, 2), self.Y[:, :n], self.eye[:n, :n], self.G[:, slot], self.Y[:, slot]

@@ -88,7 +88,8 @@ def iterate(
     """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates.
 
     Args:
-        tol: stop a sample when its residual (``stop_mode``) is ≤ tol; 0 runs the whole budget.
+        tol: stop a sample when its residual (``stop_mode``) is ≤ tol; 0 runs the whole budget (a sample is then
+            reported converged only if its residual is exactly 0).
         max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
         stop_mode: ``"abs"`` (‖f(z) − z‖/√N) or ``"rel"`` (‖f(z) − z‖/‖f(z)‖).
         check_every: iterations between residual measurements and host reads.
@@ -134,7 +135,7 @@ def iterate(
             best_rel = torch.where(better, r_rel, best_rel)
             best_z = torch.where(better[:, None], z, best_z)
             bad = active & ~(r_abs <= explode * first_abs)  # True for NaN/Inf
-            done = active & (best_r <= tol)
+            done = active & (best_r <= tol) if tol > 0 else torch.zeros_like(active)
             nstep = torch.where(active, nfe, nstep)
             diverged = diverged | (bad & ~done)
             active = active & ~done & ~bad
@@ -151,7 +152,7 @@ def iterate(
         rel=best_rel,
         nstep=nstep,
         nfe=nfe,
-        converged=best_r <= tol,
+        converged=best_r <= tol if tol > 0 else best_r == 0,
         diverged=diverged,
         trace=trace[: len(trace_nfe)],
         trace_nfe=trace_nfe,

@@ -10,11 +10,6 @@ from torch import Tensor
 from .base import Solver
 
 
-def _rows_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample dot products of ``(B, N)`` rows -> ``(B,)``."""
-    return torch.linalg.vecdot(a, b)
-
-
 class Broyden(Solver):
     """Good Broyden with a low-rank inverse Jacobian ``H ≈ (J − I)⁻¹ = −I + Σ_i u_i v_iᵀ``.
 
@@ -47,10 +42,12 @@ class Broyden(Solver):
         self.prev_step: Tensor | None = None
 
     def _store(self, u: Tensor, v: Tensor) -> None:
-        if self.differentiable:
+        """Append the pair ``(u, v)`` (rows ``(B, 1, N)``) to the factors."""
+        if self.differentiable:  # autograd saved the old buffers: write into fresh ones
             self.U, self.V = self.U.clone(), self.V.clone()
-        self.U[:, self.count] = u
-        self.V[:, self.count] = v
+        r = self.count
+        self.U[:, r : r + 1] = u
+        self.V[:, r : r + 1] = v
         self.count += 1
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
@@ -58,25 +55,27 @@ class Broyden(Solver):
         if self.prev_g is None:  # H_0 = −I: the first step is plain iteration
             step = g
         else:
-            s, y = self.prev_step, g - self.prev_g
+            s, y = self.prev_step[:, None], (g - self.prev_g)[:, None]  # rows (B, 1, N)
+            if self.count == self.memory:  # restart: H ← −I, then add this pair computed against −I
+                self.count = 0
             r = self.count
-            if r == self.memory:  # restart: H ← −I, then add this pair computed against −I
-                self.count = r = 0
             if r:
                 U, V = self.U[:, :r], self.V[:, :r]
-                h_y = torch.bmm(torch.bmm(V, y[:, :, None]).transpose(1, 2), U)[:, 0] - y
-                v = torch.bmm(torch.bmm(U, s[:, :, None]).transpose(1, 2), V)[:, 0] - s
-                h_g = h_y - s  # H g = H g_prev + H y and H g_prev = −s (the previous step)
+                # H y = −y + (y Vᵀ) U and vᵀ = sᵀ H = −s + (s Uᵀ) V: one pass over a factor per product
+                h_y = torch.baddbmm(y, torch.bmm(y, V.transpose(1, 2)), U, beta=-1)
+                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1)
+                minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
+                u = minus_h_g
             else:
-                h_y, v, h_g = -y, -s, -g
-            inv = 1.0 / _rows_dot(v, y)
-            ok = torch.isfinite(inv)
-            inv = torch.where(ok, inv, 0.0)
-            u = (s - h_y) * inv[:, None]
-            v = torch.where(ok[:, None], v, 0.0)
+                h_y, v = -y, -s
+                minus_h_g = g[:, None]
+                u = s - h_y
+            # u = (s − H y) / (vᵀ y); a zero or non-finite denominator leaves a zero pair (no update)
+            inv = torch.nan_to_num(torch.linalg.vecdot(v, y).reciprocal_(), nan=0.0, posinf=0.0, neginf=0.0)
+            u = u * inv[:, :, None]
             self._store(u, v)
-            # H_new g = H g + u (v·g)
-            step = -torch.addcmul(h_g, u, _rows_dot(v, g)[:, None])
+            # −H_new g = −H g − u (v·g)
+            step = torch.addcmul(minus_h_g, u, torch.linalg.vecdot(v, g[:, None])[:, :, None], value=-1)[:, 0]
         self.prev_g, self.prev_step = g, step
         return z + step
 
