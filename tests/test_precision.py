@@ -51,8 +51,8 @@ def test_autocast_block_output_is_accepted_and_state_stays_float32():
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
     deq = make_implicit(_Tanh(), tol=1e-3, max_iter=100)
     z_ref = deq(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        z, info = deq(x, return_info=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls stall near rel. residual 1e-3
+        z, info = deq(x, return_info=True, tol=1e-2)
     assert z.dtype == torch.float32
     assert bool(info.forward.converged.all())
     assert float((z.detach() - z_ref.detach()).abs().max()) < 5e-2
