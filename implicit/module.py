@@ -126,7 +126,9 @@ class ImplicitModule(ImplicitMixin, nn.Module):
         self.block = block
         self.implicit_options = resolve_options(options, kwargs)
         self.register_state_dict_post_hook(_drop_block_prefix)
-        self.register_load_state_dict_pre_hook(_add_block_prefix)
+        self.register_load_state_dict_pre_hook(self._add_block_prefix)
+        self.register_load_state_dict_post_hook(self._report_block_keys)
+        self._load_prefixes: list[str] = []
 
     def block_forward(self, z: State, x: Any) -> State:
         return self.block(z, x)
@@ -134,6 +136,19 @@ class ImplicitModule(ImplicitMixin, nn.Module):
     def initial_state(self, x: Any) -> State:
         init = getattr(self.block, "initial_state", None)
         return init(x) if callable(init) else super().initial_state(x)
+
+    def _add_block_prefix(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load hook: the block's keys (``prefix + "weight"``) go to ``prefix + "block.weight"``."""
+        self._load_prefixes.append(prefix)
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "block.")]:
+            state_dict[prefix + "block." + key[len(prefix) :]] = state_dict.pop(key)
+
+    def _report_block_keys(self, module: nn.Module, incompatible: Any) -> None:
+        """Load hook: missing / unexpected keys are reported under the block's own names."""
+        prefix = self._load_prefixes.pop() if self._load_prefixes else ""
+        inner = prefix + "block."
+        for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+            keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
 
     def extra_repr(self) -> str:
         o = self.implicit_options
@@ -149,11 +164,6 @@ def _drop_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: st
         for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
             value = metadata.pop(key)
             metadata[(prefix + key[len(inner) :]) if key.startswith(inner) else prefix[:-1]] = value
-
-
-def _add_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "block.")]:
-        state_dict[prefix + "block." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def _implicit_class(cls: type[ModuleT], options: ImplicitOptions) -> type[ModuleT]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from .solvers import STOP_MODES, get_solver_class
@@ -21,8 +20,33 @@ NONFINITE_POLICIES = ("raise", "warn", "ignore")
 DIVERGENCE_POLICIES = ("warn", "raise", "ignore")
 
 
+class FrozenMapping(Mapping[str, Any]):
+    """A read-only copy of a user's options dict (copyable and picklable, unlike ``MappingProxyType``)."""
+
+    def __init__(self, mapping: Mapping[str, Any] | None = None) -> None:
+        self._data = dict(mapping or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._data.items(), key=lambda item: item[0])))
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping or {}))
+    return FrozenMapping(mapping)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class SolverResult:
         trace_nfe: f-evaluation count at each check (length C).
         stop_mode, tol: the stopping rule used.
         state: solver internals handed on (e.g. Broyden's low-rank inverse-Jacobian factors).
+        trajectory: ``(B, N)`` best iterates so far at the steps requested with ``record_at`` (in increasing order).
     """
 
     z: Tensor
@@ -40,6 +41,7 @@ class SolverResult:
     stop_mode: str
     tol: float
     state: dict[str, Any] = field(default_factory=dict)
+    trajectory: list[Tensor] = field(default_factory=list)
 
     @property
     def residual(self) -> Tensor:

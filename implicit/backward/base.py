@@ -6,7 +6,6 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from ..options import ImplicitOptions
@@ -38,8 +37,7 @@ class Problem:
 
     def solve_forward(self, *, differentiable: bool = False) -> SolverResult:
         z0 = self.z0 if differentiable else self.z0.detach()
-        with torch.set_grad_enabled(differentiable):
-            result = solve(self.fn, z0, differentiable=differentiable, **self.options.solver_kwargs())
+        result = solve(self.fn, z0, differentiable=differentiable, **self.options.solver_kwargs())
         report_divergence(result, "forward", self.options.on_divergence)
         return result
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -73,6 +73,88 @@ class Solver:
             )
 
 
+class Monitor:
+    """Per-sample bookkeeping shared by every solver loop: residuals of measured points, the best iterate, stopping
+    (converged / diverged) and the trace. Everything stays on the device; :meth:`any_active` is the only host read.
+
+    Args:
+        z0: ``(B, N)`` starting point (the best iterate until a measured point beats it).
+        tol, stop_mode, explode: the stopping rule (see :func:`iterate`).
+        initial_active: ``(B,)`` bool; samples marked False are measured once, then never updated.
+    """
+
+    def __init__(
+        self,
+        z0: Tensor,
+        *,
+        tol: float,
+        stop_mode: str,
+        explode: float = 1e6,
+        initial_active: Tensor | None = None,
+    ) -> None:
+        batch, n = z0.shape
+        self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
+        self.inv_sqrt_n = 1.0 / math.sqrt(n)
+        self.eps = torch.finfo(z0.dtype).tiny ** 0.5
+        self.best_z = z0
+        self.best_r = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.best_abs = self.best_rel = self.first_abs = self.best_r
+        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+        self.initial_active = initial_active
+        self.diverged = torch.zeros_like(self.active)
+        self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        self.trace: list[Tensor] = []
+        self.trace_nfe: list[int] = []
+
+    def observe(self, z: Tensor, fz: Tensor, nfe: int) -> None:
+        """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far."""
+        gnorm = torch.linalg.vector_norm(fz - z, dim=1)
+        r_abs = gnorm * self.inv_sqrt_n
+        r_rel = gnorm / (torch.linalg.vector_norm(fz, dim=1) + self.eps)
+        r = r_rel if self.stop_mode == "rel" else r_abs
+        active = self.active
+        if not self.trace:
+            self.first_abs = r_abs.detach()
+        better = active & (r < self.best_r)  # False for NaN
+        self.best_r = torch.where(better, r, self.best_r)
+        self.best_abs = torch.where(better, r_abs, self.best_abs)
+        self.best_rel = torch.where(better, r_rel, self.best_rel)
+        self.best_z = torch.where(better[:, None], z, self.best_z)
+        # Non-finite, or growing beyond `explode` × the first residual (no limit when that was exactly 0).
+        exploding = (r_abs > self.explode * self.first_abs) & (self.first_abs > 0)
+        bad = active & (exploding | ~torch.isfinite(r_abs))
+        done = active & (self.best_r <= self.tol) if self.tol > 0 else torch.zeros_like(active)
+        if not self.trace and self.initial_active is not None:
+            done = done | ~self.initial_active
+        self.nstep = torch.where(active, nfe, self.nstep)
+        self.diverged = self.diverged | (bad & ~done)
+        self.active = active & ~done & ~bad
+        self.trace.append(r.detach())
+        self.trace_nfe.append(nfe)
+
+    def any_active(self) -> bool:
+        """Whether a sample still iterates (one host read)."""
+        return bool(self.active.any())
+
+    def result(self, nfe: int, state: dict[str, Any] | None = None) -> SolverResult:
+        tol = self.tol
+        converged = self.best_r <= tol if tol > 0 else self.best_r == 0
+        return SolverResult(
+            z=self.best_z,
+            abs=self.best_abs,
+            rel=self.best_rel,
+            nstep=self.nstep,
+            nfe=nfe,
+            converged=converged,
+            diverged=self.diverged & ~converged,
+            trace=torch.stack(self.trace) if self.trace else self.best_r.new_empty(0, self.best_r.numel()),
+            trace_nfe=self.trace_nfe,
+            stop_mode=self.stop_mode,
+            tol=tol,
+            state=state or {},
+        )
+
+
 def iterate(
     solver: Solver,
     fn: FlatMap,
@@ -84,6 +166,8 @@ def iterate(
     check_every: int = 4,
     differentiable: bool = False,
     explode: float = 1e6,
+    record_at: Sequence[int] = (),
+    initial_active: Tensor | None = None,
 ) -> SolverResult:
     """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates.
 
@@ -95,68 +179,35 @@ def iterate(
         check_every: iterations between residual measurements and host reads.
         differentiable: keep the iterations differentiable (the ``"unrolled"`` backward mode).
         explode: a sample whose absolute residual exceeds ``explode`` × its first one is stopped as diverged.
+        record_at: solver steps t (0 ≤ t ≤ max_iter) at which to record the best iterate so far (a check is made
+            there); steps after the solve stopped record the final best. Returned in ``result.trajectory``.
+        initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
     """
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
-    batch, n = z0.shape
-    device, dtype = z0.device, z0.dtype
-    checks = sorted(set(range(0, max_iter + 1, check_every)) | {max_iter})
-    inv_sqrt_n = 1.0 / math.sqrt(n)
-    eps = torch.finfo(dtype).tiny ** 0.5
-    use_rel = stop_mode == "rel"
+    record_steps = sorted(set(record_at))
+    if record_steps and not 0 <= record_steps[0] <= record_steps[-1] <= max_iter:
+        raise ValueError(f"record_at steps must lie in [0, max_iter={max_iter}], got {list(record_at)}")
+    checks = set(range(0, max_iter + 1, check_every)) | {max_iter} | set(record_steps)
+    monitor = Monitor(z0, tol=tol, stop_mode=stop_mode, explode=explode, initial_active=initial_active)
+    recorded: dict[int, Tensor] = {}
 
-    solver.start(z0, differentiable)
-    best_z = z0
-    best_r = torch.full((batch,), math.inf, dtype=dtype, device=device)
-    best_abs, best_rel = best_r, best_r
-    first_abs = best_r
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    diverged = torch.zeros(batch, dtype=torch.bool, device=device)
-    nstep = torch.zeros(batch, dtype=torch.long, device=device)
-    trace = torch.empty(len(checks), batch, dtype=dtype, device=device)
-    trace_nfe: list[int] = []
+    record_set = set(record_steps)
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):  # graph-free unless differentiable
+        solver.start(z0, differentiable)
+        z = z0
+        nfe = 0
+        for k in range(max_iter + 1):
+            fz = fn(z)
+            nfe += 1
+            if k in checks:
+                monitor.observe(z, fz, nfe)
+                if k in record_set:
+                    recorded[k] = monitor.best_z
+                if k == max_iter or not monitor.any_active():
+                    break
+            z = solver.step(z, fz)
 
-    z = z0
-    nfe = 0
-    next_check = 0
-    for k in range(max_iter + 1):
-        fz = fn(z)
-        nfe += 1
-        if k == checks[next_check]:
-            gnorm = torch.linalg.vector_norm(fz - z, dim=1)
-            r_abs = gnorm * inv_sqrt_n
-            r_rel = gnorm / (torch.linalg.vector_norm(fz, dim=1) + eps)
-            r = r_rel if use_rel else r_abs
-            if next_check == 0:
-                first_abs = r_abs.detach()
-            better = active & (r < best_r)  # False for NaN
-            best_r = torch.where(better, r, best_r)
-            best_abs = torch.where(better, r_abs, best_abs)
-            best_rel = torch.where(better, r_rel, best_rel)
-            best_z = torch.where(better[:, None], z, best_z)
-            bad = active & ~(r_abs <= explode * first_abs)  # True for NaN/Inf
-            done = active & (best_r <= tol) if tol > 0 else torch.zeros_like(active)
-            nstep = torch.where(active, nfe, nstep)
-            diverged = diverged | (bad & ~done)
-            active = active & ~done & ~bad
-            trace[next_check] = r.detach()
-            trace_nfe.append(nfe)
-            next_check += 1
-            if k == max_iter or not bool(active.any()):
-                break
-        z = solver.step(z, fz)
-
-    return SolverResult(
-        z=best_z,
-        abs=best_abs,
-        rel=best_rel,
-        nstep=nstep,
-        nfe=nfe,
-        converged=best_r <= tol if tol > 0 else best_r == 0,
-        diverged=diverged,
-        trace=trace[: len(trace_nfe)],
-        trace_nfe=trace_nfe,
-        stop_mode=stop_mode,
-        tol=tol,
-        state=solver.export_state(),
-    )
+    result = monitor.result(nfe, solver.export_state())
+    result.trajectory = [recorded.get(t, monitor.best_z) for t in record_steps]
+    return result
