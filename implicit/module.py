@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,9 +13,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
-from .backward import BACKWARD_MODES, Problem
+from .backward import Phantom, Problem, Unrolled, get_backward_class
+from .correction import correction_positions
 from .options import ImplicitOptions, resolve_options
 from .pytree import State, StateLayout, all_finite, tree_tensors
+from .regularization import jacobian_frobenius
 from .result import ImplicitInfo
 
 Block = Callable[[State, Any], State]
@@ -33,6 +36,7 @@ def equilibrium(
     The functional core of every implicit layer. ``z0`` fixes the state structure: a tensor or a nested
     tuple/list/dict of tensors with a shared leading batch dimension; ``f`` must return the same structure, shapes
     and dtypes. ``x`` is passed to ``f`` untouched (any object; its tensors are checked for non-finite values).
+    With ``correction`` set, the first element is a list of states (earliest first, the last is z*).
     """
     options = resolve_options(options, overrides)
     if options.nonfinite_input != "ignore" and not all_finite(tree_tensors(x) + tree_tensors(z0)):
@@ -45,9 +49,34 @@ def equilibrium(
     def fn(z: Tensor) -> Tensor:
         return layout.flatten(f(layout.unflatten(z), x), what="the block's output")
 
-    mode = BACKWARD_MODES[options.backward]()
-    z_flat, info = mode.run(Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout))
-    return layout.unflatten(z_flat), info
+    problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout)
+    mode = get_backward_class(options.backward)(**options.backward_options)
+    if options.correction is None:
+        z_flat, info = mode.run(problem)
+        states = None
+    else:
+        steps = correction_positions(options.correction, options.max_iter)
+        result = mode.solve_forward(problem, record_at=steps)
+        info = ImplicitInfo(forward=result, backward_mode=mode.name)
+        # Intermediate states: each its own phantom gradient (the unrolled mode keeps its own graph).
+        sampler = (
+            mode
+            if isinstance(mode, Unrolled)
+            else Phantom(steps=options.correction_steps, tau=options.correction_tau, variant="unrolled")
+        )
+        states = [sampler.attach(problem, result, info, z=state) for state in result.trajectory[:-1]]
+        z_flat = mode.attach(problem, result, info)
+    if options.jac_loss_probes and _draw(options.jac_loss_prob):
+        info.jac_loss = jacobian_frobenius(
+            fn, info.forward.z, probes=options.jac_loss_probes, probe=options.jac_loss_probe
+        )
+    z = layout.unflatten(z_flat)
+    return ([*(layout.unflatten(s) for s in states), z] if states is not None else z), info
+
+
+def _draw(probability: float) -> bool:
+    """A Bernoulli draw on the host (no device synchronisation)."""
+    return probability >= 1 or (probability > 0 and random.random() < probability)
 
 
 @contextmanager

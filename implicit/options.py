@@ -14,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .correction import correction_positions
+from .regularization import PROBES
 from .solvers import STOP_MODES, get_solver_class
 
 NONFINITE_POLICIES = ("raise", "warn", "ignore")
@@ -62,10 +64,23 @@ class ImplicitOptions:
         max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
         check_every: iterations between residual checks (and host reads).
     Backward:
-        backward: ``"implicit"`` (exact implicit-function-theorem gradient) or ``"unrolled"`` (autograd through the
-            iterations; reference, memory grows with the iterations).
+        backward: ``"implicit"`` (exact implicit-function-theorem gradient), ``"phantom"`` (damped phantom gradient,
+            unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward Broyden inverse
+            reused; needs ``solver="broyden"``) or ``"unrolled"`` (autograd through the iterations; reference).
+        backward_options: the mode's own options (phantom: ``steps``, ``tau``, ``variant``; shine: ``fallback``,
+            ``fallback_ratio``, ``refine``, ``refine_estimate``).
         backward_solver, backward_solver_options, backward_tol, backward_max_iter, backward_stop_mode: the linear
-            solve ``u = v + u J`` of ``"implicit"``.
+            solve ``u = v + u J`` (``"implicit"``, SHINE's refinement and exact fallback); ``backward_solver`` may
+            also be ``"gmres"`` (option ``restart``).
+    Training signals:
+        correction: sparse fixed-point correction: the number of supervised states, or the solver steps to
+            supervise; the layer then returns a list of states (the last is the returned state with the chosen
+            backward mode, the others each carry a ``correction_steps``-step phantom gradient).
+        correction_steps, correction_tau: the phantom gradient of the intermediate states.
+        jac_loss_probes: Hutchinson probes of the Jacobian regulariser ``‖∂f/∂z‖_F²/N`` at z* (0: off); the
+            estimate is ``info.jac_loss``.
+        jac_loss_prob: probability of computing it on a given call.
+        jac_loss_probe: ``"gaussian"`` or ``"rademacher"`` probes.
     Policies:
         nonfinite_input: non-finite values in the injection or z0: ``"raise"``, ``"warn"`` or ``"ignore"``.
         on_divergence: a forward or backward solve with diverged samples: ``"warn"``, ``"raise"`` or ``"ignore"``
@@ -80,11 +95,18 @@ class ImplicitOptions:
     stop_mode: str = "rel"
     check_every: int = 4
     backward: str = "implicit"
+    backward_options: Mapping[str, Any] = field(default_factory=dict)
     backward_solver: str = "anderson"
     backward_solver_options: Mapping[str, Any] = field(default_factory=dict)
     backward_tol: float = 1e-6
     backward_max_iter: int = 50
     backward_stop_mode: str = "rel"
+    correction: int | tuple[int, ...] | None = None
+    correction_steps: int = 1
+    correction_tau: float = 1.0
+    jac_loss_probes: int = 0
+    jac_loss_prob: float = 1.0
+    jac_loss_probe: str = "gaussian"
     nonfinite_input: str = "raise"
     on_divergence: str = "warn"
     return_info: bool = False
@@ -92,6 +114,9 @@ class ImplicitOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver_options", _frozen(self.solver_options))
         object.__setattr__(self, "backward_solver_options", _frozen(self.backward_solver_options))
+        object.__setattr__(self, "backward_options", _frozen(self.backward_options))
+        if self.correction is not None and not isinstance(self.correction, int):
+            object.__setattr__(self, "correction", tuple(self.correction))
         _validate(self)
 
     def replace(self, **changes: Any) -> ImplicitOptions:
@@ -152,18 +177,35 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
 
 
 def _validate(o: ImplicitOptions) -> None:
-    from .backward import BACKWARD_MODES  # late import: backward modes use the options type
+    from .backward import get_backward_class  # late import: backward modes use the options type
 
     for prefix in ("", "backward_"):
         solver = getattr(o, f"{prefix}solver")
         cls = get_solver_class(solver)
+        if cls.linear_only and not prefix:
+            raise ValueError(f"solver {solver!r} solves linear systems only; use it as backward_solver")
         cls.check_options(dict(getattr(o, f"{prefix}solver_options")), context=f"{prefix}solver_options")
         cls(**getattr(o, f"{prefix}solver_options"))  # value checks live in the solver's constructor
         _check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)
         _check_number(f"{prefix}max_iter", getattr(o, f"{prefix}max_iter"), minimum=1, integer=True)
         _check_choice(f"{prefix}stop_mode", getattr(o, f"{prefix}stop_mode"), STOP_MODES)
     _check_number("check_every", o.check_every, minimum=1, integer=True)
-    _check_choice("backward", o.backward, tuple(BACKWARD_MODES))
+    mode = get_backward_class(o.backward)
+    mode.check_options(dict(o.backward_options), context="backward_options")
+    mode(**o.backward_options)
+    if o.backward == "shine" and o.solver != "broyden":
+        raise ValueError(
+            f"backward='shine' reuses the forward Broyden factors: needs solver='broyden', not {o.solver!r}"
+        )
+    if o.correction is not None:
+        correction_positions(o.correction, o.max_iter)
+    _check_number("correction_steps", o.correction_steps, minimum=1, integer=True)
+    if not 0 < o.correction_tau <= 1:
+        raise ValueError(f"option correction_tau must be in (0, 1], got {o.correction_tau!r}")
+    _check_number("jac_loss_probes", o.jac_loss_probes, minimum=0, integer=True)
+    if not 0 <= o.jac_loss_prob <= 1:
+        raise ValueError(f"option jac_loss_prob must be in [0, 1], got {o.jac_loss_prob!r}")
+    _check_choice("jac_loss_probe", o.jac_loss_probe, PROBES)
     _check_choice("nonfinite_input", o.nonfinite_input, NONFINITE_POLICIES)
     _check_choice("on_divergence", o.on_divergence, DIVERGENCE_POLICIES)
     if not isinstance(o.return_info, bool):

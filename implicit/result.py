@@ -77,18 +77,22 @@ class ImplicitInfo:
 
     Attributes:
         forward: the forward solve.
-        backward: the backward (adjoint) solve, filled in when autograd runs the backward pass of this call; stays
-            ``None`` for backward modes without a linear solve (``"unrolled"``) or before ``backward()``.
         backward_mode: the backward mode of this call.
-        tracked_nfe: f-evaluations with autograd tracking made in the forward pass, beyond the solve.
+        backward: the backward linear solve (``"implicit"``; ``"shine"`` with refinement or exact fallback), filled in
+            when autograd runs this call's backward; ``None`` otherwise.
+        tracked_nfe: f-evaluations recorded by autograd in the forward pass, beyond the solve (1 for one tracked
+            call ``f(z*)``, k for the k-step unrolled phantom gradient, one more per correction state).
+        backward_vjps: vector-Jacobian products of f spent in the backward pass beyond the one through the tracked
+            computation (0 before backward and for one-step / unrolled phantom).
+        jac_loss: Hutchinson estimate of ``‖∂f/∂z‖_F² / N`` at z* (batch mean), when Jacobian regularisation ran
+            this call (a scalar tensor differentiable for training), else ``None``.
+        extras: mode-specific diagnostics (e.g. SHINE's per-sample fallback mask).
     """
 
     forward: SolverResult
     backward_mode: str
     backward: SolverResult | None = None
     tracked_nfe: int = 0
-
-    @property
-    def backward_vjps(self) -> int:
-        """Vector-Jacobian products of the backward solve (0 before backward)."""
-        return 0 if self.backward is None else self.backward.nfe
+    backward_vjps: int = 0
+    jac_loss: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)

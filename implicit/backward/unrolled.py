@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from ..result import ImplicitInfo
+from ..result import ImplicitInfo, SolverResult
 from .base import BackwardMode, Problem
 
 
@@ -18,6 +20,11 @@ class Unrolled(BackwardMode):
 
     name = "unrolled"
 
-    def run(self, problem: Problem) -> tuple[Tensor, ImplicitInfo]:
-        result = problem.solve_forward(differentiable=torch.is_grad_enabled())
-        return result.z, ImplicitInfo(forward=result, backward_mode=self.name)
+    def __init__(self) -> None:
+        pass
+
+    def solve_forward(self, problem: Problem, record_at: Sequence[int] = ()) -> SolverResult:
+        return problem.solve_forward(differentiable=torch.is_grad_enabled(), record_at=record_at)
+
+    def attach(self, problem: Problem, result: SolverResult, info: ImplicitInfo, z: Tensor | None = None) -> Tensor:
+        return result.z if z is None else z  # the iterations' graph is the gradient

@@ -6,25 +6,25 @@ Adding a solver: subclass :class:`~implicit.solvers.base.Solver` (options as key
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
+from ..configurable import lookup
 from ..result import SolverResult
 from .anderson import Anderson
 from .base import STOP_MODES, FlatMap, Solver, iterate
 from .broyden import Broyden
 from .fixed_point import FixedPoint
+from .gmres import GMRES
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden)}
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden, GMRES)}
 
 
 def get_solver_class(name: str) -> type[Solver]:
     """The solver class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    try:
-        return SOLVERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
+    return lookup(SOLVERS, name, "solver")
 
 
 def solve(
@@ -38,13 +38,16 @@ def solve(
     stop_mode: str = "rel",
     check_every: int = 4,
     differentiable: bool = False,
+    record_at: Sequence[int] = (),
+    initial_active: Tensor | None = None,
+    state: dict[str, Any] | None = None,
 ) -> SolverResult:
-    """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; see :func:`iterate`."""
+    """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; see :func:`iterate` for the
+    loop contract and the arguments. ``solver_options`` are the chosen solver's own options."""
     cls = get_solver_class(solver)
     options = dict(solver_options or {})
-    cls.check_options(options)
-    return iterate(
-        cls(**options),
+    cls.check_options(options, context="solver_options")
+    return cls(**options).run(
         fn,
         z0,
         tol=tol,
@@ -52,10 +55,14 @@ def solve(
         stop_mode=stop_mode,
         check_every=check_every,
         differentiable=differentiable,
+        record_at=record_at,
+        initial_active=initial_active,
+        state=state,
     )
 
 
 __all__ = [
+    "GMRES",
     "SOLVERS",
     "STOP_MODES",
     "Anderson",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,8 +39,8 @@ class Anderson(Solver):
             raise ValueError(f"anderson: lam must be a finite number > 0, got {lam!r}")
         self.m, self.beta, self.lam = m, float(beta), float(lam)
 
-    def start(self, z0: Tensor, differentiable: bool) -> None:
-        super().start(z0, differentiable)
+    def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
+        super().start(z0, differentiable, state)
         batch, n = z0.shape
         # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i.
         self.Y = z0.new_empty(batch, self.m, n)

@@ -18,7 +18,6 @@ Loop contract (algorithms.md §1.0):
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -26,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..configurable import Configurable
 from ..result import SolverResult
 
 FlatMap = Callable[[Tensor], Tensor]
@@ -33,20 +33,25 @@ FlatMap = Callable[[Tensor], Tensor]
 STOP_MODES = ("abs", "rel")
 
 
-class Solver:
+class Solver(Configurable):
     """Base class of the fixed-point solvers. Subclasses declare their options as keyword-only ``__init__`` arguments
-    with defaults, and implement :meth:`start` and :meth:`step`.
+    with defaults, and implement :meth:`start` and :meth:`step` (the shared loop :func:`iterate` does the rest), or
+    override :meth:`run` when their iteration does not fit a one-evaluation step (GMRES, ODE integration).
 
-    A solver object holds the buffers of one solve; :func:`iterate` calls ``start`` once, then ``step`` once per
-    iteration.
+    A solver object holds the buffers of one solve.
     """
 
-    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "solver"
+    #: True for solvers that only solve affine maps ``z ↦ b + zA`` (usable for the backward linear system only).
+    linear_only: ClassVar[bool] = False
 
-    def start(self, z0: Tensor, differentiable: bool) -> None:
+    def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         """Allocate per-solve state for ``z0`` of shape ``(B, N)``. With ``differentiable`` the steps must be
-        differentiable by autograd (no in-place writes into tensors autograd saved)."""
+        differentiable by autograd (no in-place writes into tensors autograd saved). ``state`` warm-starts solver
+        internals (e.g. Broyden factors); solvers without such internals reject it."""
         self.differentiable = differentiable
+        if state:
+            raise ValueError(f"solver {self.name!r} takes no warm-start state, got {sorted(state)}")
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         """Given the current point ``z`` and ``fz = fn(z)`` (both ``(B, N)``), return the next point."""
@@ -56,21 +61,9 @@ class Solver:
         """Solver internals worth handing on (e.g. to a backward mode). Default: nothing."""
         return {}
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        params = inspect.signature(cls.__init__).parameters.values()
-        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any], *, context: str = "solver_options") -> None:
-        """Raise ``TypeError`` naming the valid options if ``options`` has a name the solver does not take."""
-        valid = cls.option_names()
-        unknown = [k for k in options if k not in valid]
-        if unknown:
-            raise TypeError(
-                f"{context}: unknown option(s) {', '.join(map(repr, unknown))} for solver {cls.name!r}; "
-                f"valid options: {', '.join(valid) if valid else '(none)'}"
-            )
+    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+        """Solve ``z = fn(z)`` from ``z0``; keyword arguments as for :func:`iterate`."""
+        return iterate(self, fn, z0, **loop)
 
 
 class Monitor:
@@ -168,6 +161,7 @@ def iterate(
     explode: float = 1e6,
     record_at: Sequence[int] = (),
     initial_active: Tensor | None = None,
+    state: dict[str, Any] | None = None,
 ) -> SolverResult:
     """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates.
 
@@ -182,6 +176,7 @@ def iterate(
         record_at: solver steps t (0 ≤ t ≤ max_iter) at which to record the best iterate so far (a check is made
             there); steps after the solve stopped record the final best. Returned in ``result.trajectory``.
         initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
+        state: warm-start state for the solver's internals (see :meth:`Solver.start`).
     """
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
@@ -194,7 +189,7 @@ def iterate(
 
     record_set = set(record_steps)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):  # graph-free unless differentiable
-        solver.start(z0, differentiable)
+        solver.start(z0, differentiable, state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):

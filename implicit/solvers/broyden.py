@@ -32,12 +32,23 @@ class Broyden(Solver):
             raise ValueError(f"broyden: memory must be an integer ≥ 1, got {memory!r}")
         self.memory = memory
 
-    def start(self, z0: Tensor, differentiable: bool) -> None:
+    def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
+        """``state`` may hold initial factors ``{"U": (B, r, N), "V": (B, r, N)}`` (``H_0 = −I + Σ u_i v_iᵀ``),
+        e.g. a transposed forward estimate for a backward solve; the memory is raised to hold them plus one pair."""
         super().start(z0, differentiable)
         batch, n = z0.shape
+        state = dict(state or {})
+        u0, v0 = state.pop("U", None), state.pop("V", None)
+        if state or (u0 is None) != (v0 is None):
+            raise ValueError(f"broyden: warm-start state takes U and V (B, r, N) together, got {sorted(state)}")
+        count = 0 if u0 is None else u0.shape[1]
+        self.memory = max(self.memory, count + 1)
         self.U = z0.new_zeros(batch, self.memory, n)
         self.V = z0.new_zeros(batch, self.memory, n)
-        self.count = 0
+        if count:
+            self.U[:, :count] = u0
+            self.V[:, :count] = v0
+        self.count = count
         self.prev_g: Tensor | None = None
         self.prev_step: Tensor | None = None
 
@@ -52,8 +63,11 @@ class Broyden(Solver):
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
-        if self.prev_g is None:  # H_0 = −I: the first step is plain iteration
+        if self.prev_g is None:  # −H_0 g = g − (g Vᵀ) U; plain iteration when H_0 = −I
             step = g
+            if self.count:
+                U, V = self.U[:, : self.count], self.V[:, : self.count]
+                step = g - torch.bmm(torch.bmm(g[:, None], V.transpose(1, 2)), U)[:, 0]
         else:
             s, y = self.prev_step[:, None], (g - self.prev_g)[:, None]  # rows (B, 1, N)
             if self.count == self.memory:  # restart: H ← −I, then add this pair computed against −I

@@ -1,0 +1,24 @@
+"""One-step / Jacobian-free backpropagation (algorithms.md §2.4)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import BackwardMode, Tracked
+
+
+class OneStep(BackwardMode):
+    """Jacobian-free backprop: ``u = v``, the gradient of one call ``f(z*)`` from the detached solution — the
+    implicit gradient with ``(I − J)⁻¹`` replaced by the identity. Cost: one tracked f-evaluation, no VJP beyond it.
+    Equal to ``phantom`` with ``steps=1, tau=1`` and to SHINE with no stored Broyden pairs. Approximate: its cosine
+    with the exact gradient falls as the contraction weakens (algorithms.md: 0.49–0.94 on the test problems).
+    """
+
+    name = "one_step"
+    needs_vjp = False
+
+    def __init__(self) -> None:
+        pass
+
+    def adjoint(self, v: Tensor, tracked: Tracked) -> Tensor:
+        return v

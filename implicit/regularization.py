@@ -1,0 +1,45 @@
+"""Jacobian regularisation (Bai, Koltun, Kolter, ICML 2021; algorithms.md §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .solvers import FlatMap
+
+PROBES = ("gaussian", "rademacher")
+
+
+def jacobian_frobenius(
+    fn: FlatMap,
+    z: Tensor,
+    *,
+    probes: int = 1,
+    probe: str = "gaussian",
+    create_graph: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Hutchinson estimate of ``mean_b ‖J_b‖_F² / N`` at ``z`` (``(B, N)``), ``J = ∂fn/∂z``.
+
+    ``E ‖εᵀ J‖² = ‖J‖_F²`` for Gaussian or Rademacher ε; each probe costs one VJP. With ``create_graph`` (default:
+    grad mode is on) the estimate is differentiable, for ``loss + weight * jac_loss``; otherwise it is detached and
+    may be called under ``torch.no_grad()`` (for monitoring).
+    """
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    batch, n = z.shape
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        fz = fn(z)
+        total = z.new_zeros(())
+        for _ in range(probes):
+            if probe == "gaussian":
+                eps = torch.randn(fz.shape, dtype=fz.dtype, device=fz.device, generator=generator)
+            else:
+                eps = torch.randint(0, 2, fz.shape, device=fz.device, generator=generator).to(fz.dtype) * 2 - 1
+            (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=create_graph, retain_graph=True)
+            total = total + vjp.pow(2).sum()
+    estimate = total / (probes * batch * n)
+    return estimate if create_graph else estimate.detach()
