@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .backward import Phantom, Problem, Unrolled, get_backward_class
 from .correction import correction_positions
+from .dropout import implicit_call
 from .options import ImplicitOptions, resolve_options
 from .pytree import State, StateLayout, all_finite, tree_tensors
 from .regularization import jacobian_frobenius
@@ -39,11 +40,16 @@ def equilibrium(
     With ``correction`` set, the first element is a list of states (earliest first, the last is z*).
     """
     options = resolve_options(options, overrides)
+    with implicit_call():  # one variational-dropout mask for the whole call
+        return _equilibrium(f, x, z0, options)
+
+
+def _equilibrium(f: Block, x: Any, z0: State, options: ImplicitOptions) -> tuple[Any, ImplicitInfo]:
     if options.nonfinite_input != "ignore" and not all_finite(tree_tensors(x) + tree_tensors(z0)):
         message = "non-finite values (NaN or Inf) in the injection x or the initial state z0"
         if options.nonfinite_input == "raise":
             raise ValueError(message + " (set nonfinite_input='warn' or 'ignore' to allow them)")
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
     layout = StateLayout(z0)
 
     def fn(z: Tensor) -> Tensor:

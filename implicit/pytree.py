@@ -61,13 +61,14 @@ class StateLayout:
                 )
             if leaf.device != leaves[0].device:
                 raise ValueError(f"state leaf {name} is on {leaf.device}, {self.names[0]} on {leaves[0].device}")
-        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        self.shapes = [tuple(leaf.shape) for leaf in leaves]  # torch.Size compares equal to tuples
         self.dtypes = [leaf.dtype for leaf in leaves]
         self.sizes = [math.prod(shape[1:]) for shape in self.shapes]
         self.numel = sum(self.sizes)
         self.dtype = working_dtype(self.dtypes)
         self.device = leaves[0].device
         self.single = self.spec.is_leaf()
+        self.flat_shape = torch.Size((self.batch, self.numel))
 
     # ------------------------------------------------------------------ conversions
     def flatten(self, tree: State, *, what: str = "state") -> Tensor:
@@ -76,10 +77,12 @@ class StateLayout:
         ``what`` names the value in error messages (e.g. "the block's output").
         """
         if self.single:
+            if isinstance(tree, Tensor) and tree.shape == self.flat_shape and tree.dtype == self.dtype:
+                return tree  # the common (B, N) state: nothing to convert
             if not isinstance(tree, Tensor):
                 raise ValueError(f"{what} is a {type(tree).__name__}, expected a tensor of shape {self.shapes[0]}")
             self._check_leaf(0, tree, what)
-            return tree.reshape(self.batch, self.numel).to(self.dtype)
+            return tree.reshape(self.flat_shape).to(self.dtype)
         leaves, spec = pytree.tree_flatten(tree)
         if spec != self.spec:
             raise ValueError(
@@ -94,7 +97,7 @@ class StateLayout:
         """``(B, N)`` -> pytree with the layout's leaf shapes and dtypes (views where possible). A single-leaf state
         may also be given in its own shape; it is then returned as it is (cast to the leaf dtype)."""
         if self.single:
-            leaf = flat if tuple(flat.shape) == self.shapes[0] else flat.reshape(self.shapes[0])
+            leaf = flat if flat.shape == self.shapes[0] else flat.reshape(self.shapes[0])
             return leaf.to(self.dtypes[0])
         parts = flat.split(self.sizes, dim=1)
         leaves = [p.reshape(shape).to(dtype) for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]

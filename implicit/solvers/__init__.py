@@ -18,8 +18,9 @@ from .base import STOP_MODES, FlatMap, Solver, iterate
 from .broyden import Broyden
 from .fixed_point import FixedPoint
 from .gmres import GMRES
+from .ode import ODE
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden, GMRES)}
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden, ODE, GMRES)}
 
 
 def get_solver_class(name: str) -> type[Solver]:
@@ -63,6 +64,7 @@ def solve(
 
 __all__ = [
     "GMRES",
+    "ODE",
     "SOLVERS",
     "STOP_MODES",
     "Anderson",

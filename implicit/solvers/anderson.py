@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,9 +42,11 @@ class Anderson(Solver):
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         super().start(z0, differentiable, state)
         batch, n = z0.shape
-        # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i.
+        # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i,
+        # and their Gram matrix G Gᵀ, updated by one row per step.
         self.Y = z0.new_empty(batch, self.m, n)
         self.G = z0.new_empty(batch, self.m, n)
+        self.gram = z0.new_zeros(batch, self.m, self.m)
         self.eye = torch.eye(self.m, dtype=z0.dtype, device=z0.device)
         self.ones = [z0.new_ones(batch, k, 1) for k in range(self.m + 1)]
         # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
@@ -57,31 +59,52 @@ class Anderson(Solver):
         n = min(self.k + 1, self.m)
         self.k += 1
         if self.differentiable:  # fresh buffers: autograd saved the old ones
-            self.Y, self.G = self.Y.clone(), self.G.clone()
+            self.Y, self.G, self.gram = self.Y.clone(), self.G.clone(), self.gram.clone()
             self.G[:, slot] = fz - z
             self.Y[:, slot] = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
-            window, window_t, values, eye = self._views(slot, n)[:4]
+            views = self._views(slot, n)
         else:
-            key = (slot, n)
-            views = self.views.get(key)
+            views = self.views.get((slot, n))
             if views is None:
-                views = self.views[key] = self._views(slot, n)
-            window, window_t, values, eye, g_slot, y_slot = views
-            torch.sub(fz, z, out=g_slot)
+                views = self.views[(slot, n)] = self._views(slot, n)
+            torch.sub(fz, z, out=views.g_slot)
             if self.beta == 1.0:
-                y_slot.copy_(fz)
+                views.y_slot.copy_(fz)
             else:
-                torch.lerp(z, fz, self.beta, out=y_slot)
-        gram = torch.bmm(window, window_t)  # (B, n, n)
+                torch.lerp(z, fz, self.beta, out=views.y_slot)
+        row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
+        views.gram_row.copy_(row)
+        views.gram_col.copy_(row)
         # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.floor
-        system = torch.addcmul(gram, scale[:, None, None], eye, value=self.lam)
+        scale = views.gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.floor
+        system = torch.addcmul(views.gram, scale[:, None, None], views.eye, value=self.lam)
         w = torch.linalg.solve_ex(system, self.ones[n]).result
         alpha = w / w.sum(dim=1, keepdim=True)
-        return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
+        return torch.bmm(alpha.transpose(1, 2), views.values)[:, 0]
 
-    def _views(self, slot: int, n: int) -> tuple[Tensor, ...]:
+    def _views(self, slot: int, n: int) -> _Views:
         """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)
-        (at most 2m of them) since creating views costs as much as a small kernel."""
-        window = self.G[:, :n]
-        return window, window.transpose(1, 2), self.Y[:, :n], self.eye[:n, :n], self.G[:, slot], self.Y[:, slot]
+        (at most 2m of them) since creating a view costs about as much as a small kernel."""
+        return _Views(
+            g_slot=self.G[:, slot],
+            y_slot=self.Y[:, slot],
+            g_row=self.G[:, slot : slot + 1],
+            window_t=self.G[:, :n].transpose(1, 2),
+            values=self.Y[:, :n],
+            gram=self.gram[:, :n, :n],
+            gram_row=self.gram[:, slot, :n],
+            gram_col=self.gram[:, :n, slot],
+            eye=self.eye[:n, :n],
+        )
+
+
+class _Views(NamedTuple):
+    g_slot: Tensor
+    y_slot: Tensor
+    g_row: Tensor
+    window_t: Tensor
+    values: Tensor
+    gram: Tensor
+    gram_row: Tensor
+    gram_col: Tensor
+    eye: Tensor

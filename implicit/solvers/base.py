@@ -87,41 +87,47 @@ class Monitor:
     ) -> None:
         batch, n = z0.shape
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
+        self.use_rel = stop_mode == "rel"
         self.inv_sqrt_n = 1.0 / math.sqrt(n)
         self.eps = torch.finfo(z0.dtype).tiny ** 0.5
         self.best_z = z0
-        self.best_r = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.best_abs = self.best_rel = self.first_abs = self.best_r
+        self.best_abs = self.best_rel = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.limit = self.best_abs  # explosion threshold, set at the first check
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+        self.never = torch.zeros_like(self.active)
         self.initial_active = initial_active
-        self.diverged = torch.zeros_like(self.active)
+        self.diverged = self.never
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
+
+    @property
+    def best_r(self) -> Tensor:
+        """``(B,)`` residual of the best iterate in the stopping mode."""
+        return self.best_rel if self.use_rel else self.best_abs
 
     def observe(self, z: Tensor, fz: Tensor, nfe: int) -> None:
         """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far."""
         gnorm = torch.linalg.vector_norm(fz - z, dim=1)
         r_abs = gnorm * self.inv_sqrt_n
         r_rel = gnorm / (torch.linalg.vector_norm(fz, dim=1) + self.eps)
-        r = r_rel if self.stop_mode == "rel" else r_abs
+        r = r_rel if self.use_rel else r_abs
         active = self.active
-        if not self.trace:
-            self.first_abs = r_abs.detach()
+        first = not self.trace
+        if first:  # explosion: beyond `explode` × the first residual (no limit when that was exactly 0)
+            limit = torch.where(r_abs > 0, self.explode * r_abs.detach(), torch.finfo(r_abs.dtype).max)
+            self.limit = limit
         better = active & (r < self.best_r)  # False for NaN
-        self.best_r = torch.where(better, r, self.best_r)
         self.best_abs = torch.where(better, r_abs, self.best_abs)
         self.best_rel = torch.where(better, r_rel, self.best_rel)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        # Non-finite, or growing beyond `explode` × the first residual (no limit when that was exactly 0).
-        exploding = (r_abs > self.explode * self.first_abs) & (self.first_abs > 0)
-        bad = active & (exploding | ~torch.isfinite(r_abs))
-        done = active & (self.best_r <= self.tol) if self.tol > 0 else torch.zeros_like(active)
-        if not self.trace and self.initial_active is not None:
+        bad = active & ~(r_abs <= self.limit)  # also True for NaN/Inf
+        done = active & (self.best_r <= self.tol) if self.tol > 0 else self.never
+        if first and self.initial_active is not None:
             done = done | ~self.initial_active
-        self.nstep = torch.where(active, nfe, self.nstep)
+        self.nstep = self.nstep.add_(active, alpha=nfe - (self.trace_nfe[-1] if self.trace_nfe else 0))
         self.diverged = self.diverged | (bad & ~done)
-        self.active = active & ~done & ~bad
+        self.active = active & ~(done | bad)
         self.trace.append(r.detach())
         self.trace_nfe.append(nfe)
 

@@ -52,14 +52,17 @@ class Broyden(Solver):
         self.prev_g: Tensor | None = None
         self.prev_step: Tensor | None = None
 
-    def _store(self, u: Tensor, v: Tensor) -> None:
-        """Append the pair ``(u, v)`` (rows ``(B, 1, N)``) to the factors."""
+    def _slot(self, factors: Tensor, r: int) -> Tensor | None:
+        """Where a new factor row is written directly (``out=``); None when differentiable (computed out of place,
+        then stored into fresh buffers by :meth:`_store`)."""
+        return None if self.differentiable else factors[:, r : r + 1]
+
+    def _store(self, r: int, u: Tensor, v: Tensor) -> None:
         if self.differentiable:  # autograd saved the old buffers: write into fresh ones
             self.U, self.V = self.U.clone(), self.V.clone()
-        r = self.count
-        self.U[:, r : r + 1] = u
-        self.V[:, r : r + 1] = v
-        self.count += 1
+            self.U[:, r : r + 1] = u
+            self.V[:, r : r + 1] = v
+        self.count = r + 1
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
@@ -69,25 +72,24 @@ class Broyden(Solver):
                 U, V = self.U[:, : self.count], self.V[:, : self.count]
                 step = g - torch.bmm(torch.bmm(g[:, None], V.transpose(1, 2)), U)[:, 0]
         else:
-            s, y = self.prev_step[:, None], (g - self.prev_g)[:, None]  # rows (B, 1, N)
-            if self.count == self.memory:  # restart: H ← −I, then add this pair computed against −I
-                self.count = 0
-            r = self.count
+            s = self.prev_step[:, None]  # rows (B, 1, N)
+            y = (g - self.prev_g)[:, None]
+            r = 0 if self.count == self.memory else self.count  # restart: H ← −I, this pair computed against −I
             if r:
                 U, V = self.U[:, :r], self.V[:, :r]
                 # H y = −y + (y Vᵀ) U and vᵀ = sᵀ H = −s + (s Uᵀ) V: one pass over a factor per product
                 h_y = torch.baddbmm(y, torch.bmm(y, V.transpose(1, 2)), U, beta=-1)
-                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1)
+                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1, out=self._slot(self.V, r))
                 minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
-                u = minus_h_g
+                direction = minus_h_g
             else:
-                h_y, v = -y, -s
+                v = torch.neg(s, out=self._slot(self.V, r))
                 minus_h_g = g[:, None]
-                u = s - h_y
+                direction = s + y
             # u = (s − H y) / (vᵀ y); a zero or non-finite denominator leaves a zero pair (no update)
             inv = torch.nan_to_num(torch.linalg.vecdot(v, y).reciprocal_(), nan=0.0, posinf=0.0, neginf=0.0)
-            u = u * inv[:, :, None]
-            self._store(u, v)
+            u = torch.mul(direction, inv[:, :, None], out=self._slot(self.U, r))
+            self._store(r, u, v)
             # −H_new g = −H g − u (v·g)
             step = torch.addcmul(minus_h_g, u, torch.linalg.vecdot(v, g[:, None])[:, :, None], value=-1)[:, 0]
         self.prev_g, self.prev_step = g, step

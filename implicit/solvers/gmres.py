@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..krylov import normalize, orthogonalize
 from ..result import SolverResult
 from .base import FlatMap, Monitor, Solver
 
@@ -93,9 +94,8 @@ class GMRES(Solver):
         """One GMRES cycle from residual ``r`` (B, N): the correction ``Δu`` minimising ``‖r − Δu (I − A)‖`` over the
         Krylov space of dimension ≤ ``steps``, and the evaluations used."""
         batch, n = r.shape
-        beta = torch.linalg.vector_norm(r, dim=1)
         basis = r.new_zeros(batch, steps + 1, n)
-        basis[:, 0] = r / torch.where(beta > 0, beta, 1.0)[:, None]
+        basis[:, 0], beta = normalize(r)
         triangle = r.new_zeros(batch, steps, steps)  # R of the rotated Hessenberg matrix
         g = [beta]  # rotated right-hand side β e₁
         cosines: list[Tensor] = []
@@ -105,14 +105,8 @@ class GMRES(Solver):
             q = basis[:, j]
             w = q - (fn(q) - offset)  # w = q (I − A)
             used += 1
-            known = basis[:, : j + 1]
-            h = torch.bmm(w[:, None], known.transpose(1, 2))[:, 0]
-            w = w - torch.bmm(h[:, None], known)[:, 0]
-            h2 = torch.bmm(w[:, None], known.transpose(1, 2))[:, 0]  # second pass: orthogonality to round-off
-            w = w - torch.bmm(h2[:, None], known)[:, 0]
-            h = h + h2
-            h_next = torch.linalg.vector_norm(w, dim=1)
-            basis[:, j + 1] = w / torch.where(h_next > 0, h_next, 1.0)[:, None]
+            w, h = orthogonalize(w, basis[:, : j + 1])
+            basis[:, j + 1], h_next = normalize(w)
             column = list(h.unbind(dim=1))
             for i, (c, s) in enumerate(zip(cosines, sines)):
                 column[i], column[i + 1] = c * column[i] + s * column[i + 1], c * column[i + 1] - s * column[i]

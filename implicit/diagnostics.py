@@ -1,0 +1,83 @@
+"""Diagnostics of an equilibrium: the spectral radius of the block's Jacobian at the solution (algorithms.md §4).
+
+ρ(J) < 1 at z* means damped iteration converges locally and the implicit backward's fixed-point iteration converges;
+a DEQ whose ρ(J) drifts towards 1 during training is becoming unstable (the signal Jacobian regularisation acts on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .krylov import normalize, orthogonalize
+from .pytree import State, StateLayout
+
+METHODS = ("arnoldi", "power")
+
+
+def spectral_radius(
+    f: Any,
+    x: Any,
+    z: State,
+    *,
+    iters: int = 20,
+    method: str = "arnoldi",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample estimate of ρ(∂f/∂z) at ``z`` (usually the solved state), ``(B,)``.
+
+    Args:
+        f: the block, called as ``f(z, x)`` (e.g. ``layer.block_forward``).
+        x: the injection.
+        z: the state (tensor or pytree, batch first); only its value is used.
+        iters: vector-Jacobian products.
+        method: ``"arnoldi"`` — the largest |Ritz value| of an ``iters``-step Arnoldi process on ``u ↦ u J``,
+            exact for complex dominant pairs (recommended); ``"power"`` — power iteration with the Rayleigh
+            quotient ``|(uJ)·u| / (u·u)``, which converges at rate |λ₂/λ₁| for a real dominant eigenvalue but
+            oscillates when the dominant eigenvalues are a complex pair.
+        generator: for the random start.
+
+    Works under ``torch.no_grad()``; the result carries no graph.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if not (isinstance(iters, int) and iters >= 1):
+        raise ValueError(f"iters must be an integer ≥ 1, got {iters!r}")
+    layout = StateLayout(z)
+    with torch.enable_grad():
+        zf = layout.flatten(z).detach().requires_grad_()
+        fz = layout.flatten(f(layout.unflatten(zf), x), what="the block's output")
+
+    def vjp(u: Tensor) -> Tensor:
+        (out,) = torch.autograd.grad(fz, zf, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(u) if out is None else out
+
+    start = torch.randn(zf.shape, dtype=zf.dtype, device=zf.device, generator=generator)
+    with torch.no_grad():
+        return _arnoldi(vjp, start, iters) if method == "arnoldi" else _power(vjp, start, iters)
+
+
+def _power(vjp: Any, u: Tensor, iters: int) -> Tensor:
+    u, _ = normalize(u)
+    estimate = u.new_zeros(u.shape[0])
+    for _ in range(iters):
+        w = vjp(u)
+        estimate = torch.linalg.vecdot(w, u).abs()  # u has unit norm
+        u, _ = normalize(w)
+    return estimate
+
+
+def _arnoldi(vjp: Any, u: Tensor, iters: int) -> Tensor:
+    batch, n = u.shape
+    steps = min(iters, n)
+    basis = u.new_zeros(batch, steps + 1, n)
+    hessenberg = u.new_zeros(batch, steps + 1, steps)
+    basis[:, 0], _ = normalize(u)
+    for j in range(steps):
+        w, h = orthogonalize(vjp(basis[:, j]), basis[:, : j + 1])
+        basis[:, j + 1], h_next = normalize(w)
+        hessenberg[:, : j + 1, j] = h
+        hessenberg[:, j + 1, j] = h_next
+    return torch.linalg.eigvals(hessenberg[:, :steps, :steps]).abs().amax(dim=1).to(u.dtype)
