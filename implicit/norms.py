@@ -24,7 +24,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Mod
 class SpectralBound(nn.Module):
     """Parametrisation ``W ↦ W · min(1, bound / σ(W))``: the spectral norm is capped at ``bound`` without being
     forced to it (``torch``'s spectral norm always rescales to σ = 1). σ is estimated by power iteration on ``W``
-    reshaped to ``(out, −1)``, one step per evaluation in training mode, with ``u``/``v`` buffers like ``W``."""
+    reshaped to ``(out, −1)`` (50 steps at creation, then one per evaluation in training mode, with ``u``/``v``
+    buffers like ``W``); the estimate approaches σ from below, so the cap holds up to its error."""
 
     def __init__(self, weight: Tensor, bound: float, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class SpectralBound(nn.Module):
         v = torch.randn(matrix.shape[1], generator=generator).to(weight.device, weight.dtype)
         self.register_buffer("_u", nn.functional.normalize(u, dim=0, eps=eps))
         self.register_buffer("_v", nn.functional.normalize(v, dim=0, eps=eps))
-        self._power_iteration(matrix, 15)
+        self._power_iteration(matrix, 50)
 
     @torch.no_grad()
     def _power_iteration(self, matrix: Tensor, steps: int) -> None:
