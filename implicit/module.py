@@ -30,6 +30,8 @@ def equilibrium(
     x: Any,
     z0: State,
     options: ImplicitOptions | None = None,
+    *,
+    solver_state: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> tuple[State, ImplicitInfo]:
     """Solve ``z* = f(z*, x)`` from ``z0`` and return ``(z*, info)`` with gradients per ``options.backward``.
@@ -38,13 +40,17 @@ def equilibrium(
     tuple/list/dict of tensors with a shared leading batch dimension; ``f`` must return the same structure, shapes
     and dtypes. ``x`` is passed to ``f`` untouched (any object; its tensors are checked for non-finite values).
     With ``correction`` set, the first element is a list of states (earliest first, the last is z*).
+    ``solver_state`` is handed to the forward solver (e.g. ``{"opa_direction": d}`` for adjoint Broyden's OPA
+    updates, ``d`` flat ``(B, N)``).
     """
     options = resolve_options(options, overrides)
     with implicit_call():  # one variational-dropout mask for the whole call
-        return _equilibrium(f, x, z0, options)
+        return _equilibrium(f, x, z0, options, solver_state)
 
 
-def _equilibrium(f: Block, x: Any, z0: State, options: ImplicitOptions) -> tuple[Any, ImplicitInfo]:
+def _equilibrium(
+    f: Block, x: Any, z0: State, options: ImplicitOptions, solver_state: dict[str, Any] | None
+) -> tuple[Any, ImplicitInfo]:
     if options.nonfinite_input != "ignore" and not all_finite(tree_tensors(x) + tree_tensors(z0)):
         message = "non-finite values (NaN or Inf) in the injection x or the initial state z0"
         if options.nonfinite_input == "raise":
@@ -55,7 +61,7 @@ def _equilibrium(f: Block, x: Any, z0: State, options: ImplicitOptions) -> tuple
     def fn(z: Tensor) -> Tensor:
         return layout.flatten(f(layout.unflatten(z), x), what="the block's output")
 
-    problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout)
+    problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout, solver_state=solver_state)
     mode = get_backward_class(options.backward)(**options.backward_options)
     if options.correction is None:
         z_flat, info = mode.run(problem)
@@ -128,13 +134,16 @@ class ImplicitMixin:
         self.implicit_options = resolve_options(self.implicit_options, options)
         return self
 
-    def forward(self, x: Any, z0: State | None = None, **overrides: Any) -> Any:
+    def forward(
+        self, x: Any, z0: State | None = None, *, solver_state: dict[str, Any] | None = None, **overrides: Any
+    ) -> Any:
         """Solve ``z* = f(z*, x)``.
 
         Args:
             x: the injection, passed to the block as its second argument (tensor or any pytree).
             z0: starting state (default :meth:`initial_state`). If it requires grad it receives a gradient: zero for
                 ``backward="implicit"`` (z* does not depend on z0), the unrolled derivative for ``"unrolled"``.
+            solver_state: handed to the forward solver (see :func:`equilibrium`).
             **overrides: per-call options, e.g. ``tol=1e-6, max_iter=100``.
 
         Returns:
@@ -144,7 +153,9 @@ class ImplicitMixin:
         if z0 is None:
             z0 = self.initial_state(x)
         with parametrizations_cached(self):  # type: ignore[arg-type]
-            z, info = equilibrium(self.block_forward, x, z0, self.implicit_options, **overrides)
+            z, info = equilibrium(
+                self.block_forward, x, z0, self.implicit_options, solver_state=solver_state, **overrides
+            )
         self.last_info = info
         return (z, info) if (overrides.get("return_info", self.implicit_options.return_info)) else z
 

@@ -193,9 +193,10 @@ def _validate(o: ImplicitOptions) -> None:
     mode = get_backward_class(o.backward)
     mode.check_options(dict(o.backward_options), context="backward_options")
     mode(**o.backward_options)
-    if o.backward == "shine" and o.solver != "broyden":
+    if o.backward == "shine" and o.solver not in ("broyden", "adjoint_broyden"):
         raise ValueError(
-            f"backward='shine' reuses the forward Broyden factors: needs solver='broyden', not {o.solver!r}"
+            f"backward='shine' reuses the forward Broyden factors: needs solver='broyden' or 'adjoint_broyden', "
+            f"not {o.solver!r}"
         )
     if o.correction is not None:
         correction_positions(o.correction, o.max_iter)

@@ -39,16 +39,21 @@ class Problem:
         z0: ``(B, N)`` initial point (may require grad).
         options: the validated options of this call.
         layout: the state's layout (structure, leaf shapes and dtypes).
+        solver_state: warm-start state for the forward solver (e.g. adjoint Broyden's ``opa_direction``).
     """
 
     fn: FlatMap
     z0: Tensor
     options: ImplicitOptions
     layout: StateLayout
+    solver_state: dict[str, Any] | None = None
 
     def solve_forward(self, *, differentiable: bool = False, record_at: Sequence[int] = ()) -> SolverResult:
         z0 = self.z0 if differentiable else self.z0.detach()
-        result = solve(self.fn, z0, differentiable=differentiable, record_at=record_at, **self.options.solver_kwargs())
+        kwargs = self.options.solver_kwargs()
+        result = solve(
+            self.fn, z0, differentiable=differentiable, record_at=record_at, state=self.solver_state, **kwargs
+        )
         report_divergence(result, "forward", self.options.on_divergence)
         return result
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..configurable import lookup
 from ..result import SolverResult
+from .adjoint_broyden import AdjointBroyden
 from .anderson import Anderson
 from .base import STOP_MODES, FlatMap, Solver, iterate
 from .broyden import Broyden
@@ -20,7 +21,9 @@ from .fixed_point import FixedPoint
 from .gmres import GMRES
 from .ode import ODE
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (FixedPoint, Anderson, Broyden, ODE, GMRES)}
+SOLVERS: dict[str, type[Solver]] = {
+    cls.name: cls for cls in (FixedPoint, Anderson, Broyden, AdjointBroyden, ODE, GMRES)
+}
 
 
 def get_solver_class(name: str) -> type[Solver]:
@@ -67,6 +70,7 @@ __all__ = [
     "ODE",
     "SOLVERS",
     "STOP_MODES",
+    "AdjointBroyden",
     "Anderson",
     "Broyden",
     "FixedPoint",

@@ -1,0 +1,109 @@
+"""Adjoint Broyden (SHINE's forward solver; algorithms.md §1.4): an inverse-Jacobian estimate that is accurate
+for the products ``v H`` a backward pass needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..result import SolverResult
+from .base import FlatMap, Solver, iterate
+
+
+class AdjointBroyden(Solver):
+    """Root finding on ``g(z) = f(z) − z`` with ``H ≈ (J − I)⁻¹ = −I + Σ u_i v_iᵀ`` updated by the adjoint secant
+    condition ``σᵀ J_g H₊ = σᵀ`` along ``σ`` = the new residual (type C of Schlenkrich–Griewank–Walther): with
+    ``a = Hσ``, ``bᵀ = (σᵀ J_g) H``, the new pair is ``(a, (σ − b)/(bᵀσ))``. Each step costs one f-evaluation with
+    autograd recording and one vector-Jacobian product.
+
+    OPA (Ramzi et al.): with ``opa_every = q > 0`` and a direction ``d`` (typically ``∂ℓ/∂z``) given as
+    ``state={"opa_direction": d}`` (``(B, N)``), every q steps one extra update along ``σ = Hᵀ d`` (scaled to the
+    residual's norm), so that ``d H`` — SHINE's backward product — becomes accurate. One more VJP per such update.
+
+    Args:
+        memory: stored pairs at most (restart when full, as :class:`Broyden`).
+        opa_every: steps between OPA updates (0: none).
+
+    The factors are exported as ``result.state["U"], ["V"]`` for ``backward="shine"``. Not differentiable.
+    """
+
+    name = "adjoint_broyden"
+
+    def __init__(self, *, memory: int = 30, opa_every: int = 0) -> None:
+        if not (isinstance(memory, int) and memory >= 1):
+            raise ValueError(f"adjoint_broyden: memory must be an integer ≥ 1, got {memory!r}")
+        if not (isinstance(opa_every, int) and opa_every >= 0):
+            raise ValueError(f"adjoint_broyden: opa_every must be an integer ≥ 0, got {opa_every!r}")
+        self.memory, self.opa_every = memory, opa_every
+
+    def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
+        if differentiable:
+            raise ValueError("adjoint_broyden is not differentiable: use backward='implicit', 'shine', ...")
+        super().start(z0, differentiable)
+        state = dict(state or {})
+        self.direction = state.pop("opa_direction", None)
+        if state:
+            raise ValueError(f"adjoint_broyden: warm-start state takes only 'opa_direction', got {sorted(state)}")
+        if self.opa_every and self.direction is None:
+            raise ValueError("adjoint_broyden: opa_every > 0 needs state={'opa_direction': d}")
+        batch, n = z0.shape
+        self.U = z0.new_zeros(batch, self.memory, n)
+        self.V = z0.new_zeros(batch, self.memory, n)
+        self.count = 0
+        self.k = 0
+
+    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+        def recorded(z: Tensor) -> Tensor:
+            with torch.enable_grad():
+                leaf = z.detach().requires_grad_()
+                out = fn(leaf)
+            self.graph = (leaf, out)
+            return out.detach()
+
+        result = iterate(self, recorded, z0, **loop)
+        self.graph = None
+        return result
+
+    def _h(self, x: Tensor) -> Tensor:
+        """``H x`` (column action, rows ``(B, N)``) ``= −x + (x Vᵀ) U``."""
+        r = self.count
+        if not r:
+            return -x
+        return torch.baddbmm(-x[:, None], torch.bmm(x[:, None], self.V[:, :r].transpose(1, 2)), self.U[:, :r])[:, 0]
+
+    def _h_t(self, x: Tensor) -> Tensor:
+        """``Hᵀ x`` ``= −x + (x Uᵀ) V``."""
+        r = self.count
+        if not r:
+            return -x
+        return torch.baddbmm(-x[:, None], torch.bmm(x[:, None], self.U[:, :r].transpose(1, 2)), self.V[:, :r])[:, 0]
+
+    def _update(self, sigma: Tensor) -> None:
+        """Add the pair enforcing ``σᵀ J_g H₊ = σᵀ`` at the current point (one VJP)."""
+        leaf, out = self.graph
+        (vjp,) = torch.autograd.grad(out, leaf, sigma, retain_graph=True, allow_unused=True)
+        sigma_jg = (torch.zeros_like(sigma) if vjp is None else vjp) - sigma
+        if self.count == self.memory:
+            self.count = 0
+        a = self._h(sigma)
+        b = self._h_t(sigma_jg)  # (σᵀ J_g) H as a row
+        inv = torch.nan_to_num(torch.linalg.vecdot(b, sigma).reciprocal_(), nan=0.0, posinf=0.0, neginf=0.0)
+        self.U[:, self.count] = a
+        self.V[:, self.count] = (sigma - b) * inv[:, None]
+        self.count += 1
+
+    def step(self, z: Tensor, fz: Tensor) -> Tensor:
+        g = fz - z
+        self.k += 1
+        if self.k > 1:  # the first step is plain iteration (H = −I), like good Broyden
+            self._update(g)
+            if self.opa_every and self.k % self.opa_every == 0:
+                sigma = self._h_t(self.direction)
+                scale = torch.linalg.vector_norm(g, dim=1) / torch.linalg.vector_norm(sigma, dim=1)
+                self._update(sigma * torch.nan_to_num(scale, nan=0.0, posinf=0.0)[:, None])
+        return z - self._h(g)
+
+    def export_state(self) -> dict[str, Any]:
+        return {"U": self.U[:, : self.count], "V": self.V[:, : self.count]}
