@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,8 +115,13 @@ class ImplicitOptions:
         object.__setattr__(self, "solver_options", _frozen(self.solver_options))
         object.__setattr__(self, "backward_solver_options", _frozen(self.backward_solver_options))
         object.__setattr__(self, "backward_options", _frozen(self.backward_options))
-        if self.correction is not None and not isinstance(self.correction, int):
-            object.__setattr__(self, "correction", tuple(self.correction))
+        correction = self.correction
+        if correction is not None and not (isinstance(correction, int) and not isinstance(correction, bool)):
+            if not isinstance(correction, Iterable) or isinstance(correction, (str, bytes)):
+                raise ValueError(
+                    f"option correction must be a number of states or a sequence of solver steps, got {correction!r}"
+                )
+            object.__setattr__(self, "correction", tuple(correction))
         _validate(self)
 
     def replace(self, **changes: Any) -> ImplicitOptions:

@@ -40,7 +40,7 @@ class AdjointBroyden(Solver):
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         if differentiable:
-            raise ValueError("adjoint_broyden is not differentiable: use backward='implicit', 'shine', ...")
+            raise ValueError("adjoint_broyden is not differentiable: use a backward mode other than 'unrolled'")
         super().start(z0, differentiable)
         state = dict(state or {})
         self.direction = state.pop("opa_direction", None)

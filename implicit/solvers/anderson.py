@@ -58,11 +58,12 @@ class Anderson(Solver):
         slot = self.k % self.m
         n = min(self.k + 1, self.m)
         self.k += 1
-        if self.differentiable:  # fresh buffers: autograd saved the old ones
-            self.Y, self.G, self.gram = self.Y.clone(), self.G.clone(), self.gram.clone()
+        if self.differentiable:  # fresh buffers (autograd saved the old ones) and a Gram matrix built out of place
+            self.Y, self.G = self.Y.clone(), self.G.clone()
             self.G[:, slot] = fz - z
             self.Y[:, slot] = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
-            views = self._views(slot, n)
+            window, values, eye = self.G[:, :n], self.Y[:, :n], self.eye[:n, :n]
+            gram = torch.bmm(window, window.transpose(1, 2))
         else:
             views = self.views.get((slot, n))
             if views is None:
@@ -72,15 +73,16 @@ class Anderson(Solver):
                 views.y_slot.copy_(fz)
             else:
                 torch.lerp(z, fz, self.beta, out=views.y_slot)
-        row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
-        views.gram_row.copy_(row)
-        views.gram_col.copy_(row)
+            row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
+            views.gram_row.copy_(row)
+            views.gram_col.copy_(row)
+            gram, values, eye = views.gram, views.values, views.eye
         # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
-        scale = views.gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.floor
-        system = torch.addcmul(views.gram, scale[:, None, None], views.eye, value=self.lam)
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + self.floor
+        system = torch.addcmul(gram, scale[:, None, None], eye, value=self.lam)
         w = torch.linalg.solve_ex(system, self.ones[n]).result
         alpha = w / w.sum(dim=1, keepdim=True)
-        return torch.bmm(alpha.transpose(1, 2), views.values)[:, 0]
+        return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
 
     def _views(self, slot: int, n: int) -> _Views:
         """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)

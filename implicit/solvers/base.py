@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -154,24 +155,11 @@ class Monitor:
         )
 
 
-def iterate(
-    solver: Solver,
-    fn: FlatMap,
-    z0: Tensor,
-    *,
-    tol: float,
-    max_iter: int,
-    stop_mode: str = "rel",
-    check_every: int = 4,
-    differentiable: bool = False,
-    explode: float = 1e6,
-    record_at: Sequence[int] = (),
-    initial_active: Tensor | None = None,
-    state: dict[str, Any] | None = None,
-) -> SolverResult:
-    """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates.
+@dataclass(frozen=True)
+class Loop:
+    """How a solve runs; the keyword arguments of :func:`iterate`, :meth:`Solver.run` and :func:`implicit.solve`.
 
-    Args:
+    Attributes:
         tol: stop a sample when its residual (``stop_mode``) is ≤ tol; 0 runs the whole budget (a sample is then
             reported converged only if its residual is exactly 0).
         max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
@@ -184,18 +172,49 @@ def iterate(
         initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
         state: warm-start state for the solver's internals (see :meth:`Solver.start`).
     """
+
+    tol: float
+    max_iter: int
+    stop_mode: str = "rel"
+    check_every: int = 4
+    differentiable: bool = False
+    explode: float = 1e6
+    record_at: Sequence[int] = ()
+    initial_active: Tensor | None = None
+    state: dict[str, Any] | None = None
+
+    def monitor(self, z0: Tensor) -> Monitor:
+        """The per-sample bookkeeping of a solve from ``z0`` under this loop's stopping rule."""
+        return Monitor(
+            z0, tol=self.tol, stop_mode=self.stop_mode, explode=self.explode, initial_active=self.initial_active
+        )
+
+    def require(self, solver: str, *, differentiable: bool = True, record: bool = True) -> None:
+        """Reject loop features a solver does not support."""
+        if self.differentiable and not differentiable:
+            raise ValueError(f"{solver} is not differentiable: use a backward mode other than 'unrolled'")
+        if self.record_at and not record:
+            raise ValueError(f"{solver} does not record trajectories (correction needs a discrete solver)")
+
+
+def iterate(solver: Solver, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+    """Run ``solver``'s steps on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates;
+    ``loop`` holds the :class:`Loop` settings."""
+    settings = Loop(**loop)
+    max_iter, check_every = settings.max_iter, settings.check_every
+    differentiable, record_at = settings.differentiable, settings.record_at
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
     record_steps = sorted(set(record_at))
     if record_steps and not 0 <= record_steps[0] <= record_steps[-1] <= max_iter:
         raise ValueError(f"record_at steps must lie in [0, max_iter={max_iter}], got {list(record_at)}")
     checks = set(range(0, max_iter + 1, check_every)) | {max_iter} | set(record_steps)
-    monitor = Monitor(z0, tol=tol, stop_mode=stop_mode, explode=explode, initial_active=initial_active)
+    monitor = settings.monitor(z0)
     recorded: dict[int, Tensor] = {}
 
     record_set = set(record_steps)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):  # graph-free unless differentiable
-        solver.start(z0, differentiable, state)
+        solver.start(z0, differentiable, settings.state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from ..krylov import normalize, orthogonalize
 from ..result import SolverResult
-from .base import FlatMap, Monitor, Solver
+from .base import FlatMap, Loop, Solver
 
 
 class GMRES(Solver):
@@ -39,30 +38,15 @@ class GMRES(Solver):
             raise ValueError(f"gmres: restart must be an integer ≥ 1, got {restart!r}")
         self.restart = restart
 
-    def run(
-        self,
-        fn: FlatMap,
-        z0: Tensor,
-        *,
-        tol: float,
-        max_iter: int,
-        stop_mode: str = "rel",
-        check_every: int = 4,
-        differentiable: bool = False,
-        explode: float = 1e6,
-        record_at: Sequence[int] = (),
-        initial_active: Tensor | None = None,
-        state: dict[str, Any] | None = None,
-    ) -> SolverResult:
-        if differentiable:
-            raise ValueError("gmres is not differentiable; it solves the backward linear system only")
-        if record_at:
-            raise ValueError("gmres does not record trajectories")
-        state = dict(state or {})
+    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+        settings = Loop(**loop)
+        settings.require("gmres", differentiable=False, record=False)
+        tol, max_iter, stop_mode = settings.tol, settings.max_iter, settings.stop_mode
+        state = dict(settings.state or {})
         offset = state.pop("offset", None)
         if state:
             raise ValueError(f"gmres: warm-start state takes only 'offset', got {sorted(state)}")
-        monitor = Monitor(z0, tol=tol, stop_mode=stop_mode, explode=explode, initial_active=initial_active)
+        monitor = settings.monitor(z0)
         nfe = 0
         with torch.no_grad():
             if offset is None:
@@ -81,7 +65,9 @@ class GMRES(Solver):
                     threshold = tol * torch.linalg.vector_norm(fu, dim=1)
                 else:
                     threshold = torch.full_like(fu[:, 0], tol * math.sqrt(fu.shape[1]))
-                correction, used = self._cycle(fn, offset, fu - u, steps, threshold, monitor.active, check_every)
+                correction, used = self._cycle(
+                    fn, offset, fu - u, steps, threshold, monitor.active, settings.check_every
+                )
                 nfe += used
                 krylov += used
                 u = torch.where(monitor.active[:, None], u + correction, u)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..result import SolverResult
-from .base import FlatMap, Monitor, Solver
+from .base import FlatMap, Loop, Solver
 
 METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "rk4")
 
@@ -62,25 +61,17 @@ class ODE(Solver):
             raise ValueError(f"ode: step_size must be a number > 0, got {step_size!r}")
         self.method, self.rtol, self.atol, self.t_max, self.step_size = method, rtol, atol, t_max, step_size
 
-    def run(
-        self,
-        fn: FlatMap,
-        z0: Tensor,
-        *,
-        tol: float,
-        max_iter: int,
-        stop_mode: str = "rel",
-        check_every: int = 4,
-        differentiable: bool = False,
-        explode: float = 1e6,
-        record_at: Sequence[int] = (),
-        initial_active: Tensor | None = None,
-        state: dict[str, Any] | None = None,
-    ) -> SolverResult:
-        if record_at:
-            raise ValueError("the ode solver does not record trajectories (correction needs a discrete solver)")
-        super().start(z0, differentiable, state)
-        monitor = Monitor(z0, tol=tol, stop_mode=stop_mode, explode=explode, initial_active=initial_active)
+    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+        settings = Loop(**loop)
+        settings.require("the ode solver", record=False)
+        tol, max_iter, check_every, differentiable = (
+            settings.tol,
+            settings.max_iter,
+            settings.check_every,
+            settings.differentiable,
+        )
+        super().start(z0, differentiable, settings.state)
+        monitor = settings.monitor(z0)
         rtol = self.rtol if self.rtol is not None else max(tol, 1e-12) / 10
         atol = self.atol if self.atol is not None else rtol / 100
         nfe = 0
