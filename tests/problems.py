@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+import implicit
+
 DTYPE = torch.float64
 KINDS = ("gauss", "sym", "orth")
 SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
@@ -263,3 +265,89 @@ def widths_for(n: int, pieces: int) -> list[int]:
     pieces = max(1, min(pieces, n))
     base = n // pieces
     return [base] * (pieces - 1) + [n - base * (pieces - 1)]
+
+
+# ---------------------------------------------------------------------------------------------------- adjoints
+def per_sample_jacobian(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+    """``(B, N, N)`` exact Jacobians ``J_b[i, j] = ∂fn(z)_{b,i}/∂z_{b,j}`` of a map that does not mix samples."""
+    z = z.detach()
+    jac = torch.autograd.functional.jacobian(lambda w: fn(w).sum(0), z, vectorize=True)  # (N, B, N)
+    return jac.permute(1, 0, 2).detach()
+
+
+def row_times(v: Tensor, jac: Tensor) -> Tensor:
+    """Per-sample row vector times matrix: ``v_b J_b`` for ``v`` (B, N) and ``jac`` (B, N, N)."""
+    return torch.bmm(v[:, None], jac)[:, 0]
+
+
+def exact_adjoint(jac: Tensor, v: Tensor) -> Tensor:
+    """``u* = v (I − J)⁻¹`` per sample (the implicit-differentiation adjoint), by a dense solve."""
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype)
+    return torch.linalg.solve(eye - jac, v[:, None], left=False)[:, 0]
+
+
+def phantom_adjoint(jac: Tensor, v: Tensor, steps: int, tau: float) -> Tensor:
+    """Closed form of the phantom adjoint ``u_k = τ v Σ_{i<k} Bⁱ``, ``B = (1 − τ) I + τ J`` (algorithms.md §2.3),
+    with explicit matrices."""
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype)
+    damped = (1 - tau) * eye + tau * jac
+    term, total = v, torch.zeros_like(v)
+    for _ in range(steps):
+        total = total + term
+        term = row_times(term, damped)
+    return tau * total
+
+
+def shine_adjoint(v: Tensor, state: dict) -> Tensor:
+    """``u_SHINE = −v H = v − (v Uᵀ) V`` from a Broyden result's factors ``H = −I + Σ u_i v_iᵀ`` (einsum, written
+    independently of the engine)."""
+    return v - torch.einsum("br,brn->bn", torch.einsum("bn,brn->br", v, state["U"]), state["V"])
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row cosine similarity of two ``(B, N)`` tensors."""
+    return torch.nn.functional.cosine_similarity(a.detach(), b.detach(), dim=1)
+
+
+def read_adjoint(p: Problem, cotangent: Tensor, z0: Tensor | None = None, **options):
+    """The adjoint row ``u`` a backward mode sends into ``f`` for the loss ``Σ c ⊙ z*``: the gradient w.r.t. a zero
+    perturbation ``e`` added to the block's output, ``f(z) + e`` (``∂f/∂e = I``; the fixed point is unchanged).
+    Returns ``(u, z*, info)``."""
+    e = torch.zeros(p.batch, p.n, dtype=p.x.dtype, requires_grad=True)
+    z, info = implicit.equilibrium(lambda z, x: p.block(z, x) + e, p.x, p.z0() if z0 is None else z0, **options)
+    (u,) = torch.autograd.grad(z, e, cotangent)
+    return u, z.detach(), info
+
+
+def solution_grads(p: Problem, cotangent: Tensor, **options):
+    """Gradients of ``Σ c ⊙ z*`` w.r.t. ``(x, W, U, b)`` through :func:`implicit.equilibrium`; returns
+    ``(grads, z*, info)``."""
+    x = p.x.detach().clone().requires_grad_()
+    z, info = implicit.equilibrium(p.block, x, p.z0(), **options)
+    return list(torch.autograd.grad((cotangent * z).sum(), [x, *p.params])), z.detach(), info
+
+
+def grads_from_adjoint(p: Problem, z: Tensor, u: Tensor) -> list[Tensor]:
+    """``u ∂f/∂(x, W, U, b)`` at ``z`` (one VJP through a single call of the block): the gradient a backward mode with
+    adjoint ``u`` produces."""
+    x = p.x.detach().clone().requires_grad_()
+    return list(torch.autograd.grad(p.block(z.detach(), x), [x, *p.params], u))
+
+
+class CountingTanh(TanhBlock):
+    """:class:`TanhBlock` that counts its calls and the gradients flowing back through them (one per VJP)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.vjps = 0
+
+    def _count_vjp(self, grad: Tensor) -> None:
+        self.vjps += 1
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        self.calls += 1
+        pre = self.pre_activation(z, x)
+        if pre.requires_grad:
+            pre.register_hook(self._count_vjp)
+        return torch.tanh(pre)
