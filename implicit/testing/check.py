@@ -1,0 +1,410 @@
+"""Check the gradients of a user's DEQ against references: long unrolling, finite differences, gradcheck.
+
+The check runs on a copy of the layer cast to float64 (the user's module is untouched) with the forward and backward
+tolerances tightened to ``check_tol`` and the forward budget raised, so that what remains is the implementation's
+error — except the backward *budget*, which is kept: a backward solve that cannot converge in the configured budget
+shows up as a gradient error, as it would in training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from ..module import ImplicitMixin, make_implicit
+from ..options import ImplicitOptions
+from ..pytree import StateLayout
+from ..solvers import solve
+
+REFERENCES = ("unrolled", "finite_differences", "gradcheck")
+EXACT_MODES = ("implicit", "unrolled")
+
+
+@dataclass
+class Check:
+    """One comparison: the gradient of one tensor against one reference."""
+
+    tensor: str
+    kind: str  # "parameter", "input" or "closure"
+    reference: str
+    metric: str
+    value: float
+    tolerance: float
+    status: str  # "pass", "FAIL" or "skip"
+    worst: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAIL"
+
+
+@dataclass
+class GradientReport:
+    """Everything :func:`check_gradients` measured; ``passed`` is False when any check failed."""
+
+    description: str
+    approximate: bool
+    reason: str
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not any(check.failed for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if check.failed]
+
+    def table(self) -> str:
+        """The report as a fixed-width table (what :func:`assert_gradients` raises with)."""
+        verdict = "passed" if self.passed else f"FAILED ({len(self.failures)} of {len(self.checks)} checks)"
+        lines = [f"DEQ gradient check: {self.description} — {verdict} in {self.seconds:.1f} s"]
+        if self.approximate:
+            lines.append(f"approximate mode: {self.reason}")
+        header = ("tensor", "kind", "reference", "metric", "value", "tolerance", "status", "worst entry")
+        rows = [header] + [
+            (c.tensor, c.kind, c.reference, c.metric, _fmt(c.value), _fmt(c.tolerance), c.status, c.worst)
+            for c in self.checks
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1])
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------------ preparation
+def _is_approximate(options: ImplicitOptions) -> tuple[bool, str]:
+    mode, extra = options.backward, dict(options.backward_options)
+    if mode in EXACT_MODES:
+        return False, ""
+    if mode == "shine" and (extra.get("refine", 0) or extra.get("fallback") == "exact"):
+        return True, "SHINE's refinement or exact fallback is exact only where it converged; compared by cosine"
+    reasons = {
+        "phantom": "phantom gradients replace (I − J)⁻¹ by τ Σ_{i<k} Bⁱ, B = (1 − τ) I + τ J",
+        "one_step": "one-step backprop replaces (I − J)⁻¹ by the identity",
+        "shine": "SHINE replaces (I − J)⁻¹ by the forward quasi-Newton estimate −H",
+    }
+    return True, reasons.get(mode, f"backward={mode!r} is not an exact mode") + "; compared by cosine"
+
+
+def _prepare_layer(target: Any, dtype: torch.dtype | None, options: dict[str, Any]) -> ImplicitMixin:
+    if isinstance(target, ImplicitMixin):
+        layer = copy.deepcopy(target)
+        if options:
+            layer.configure(**options)
+    elif isinstance(target, nn.Module):
+        layer = make_implicit(copy.deepcopy(target), **options)
+    else:
+        raise TypeError(f"check_gradients takes an implicit layer or a block nn.Module, got {type(target).__name__}")
+    if dtype is not None:
+        layer.to(dtype)
+    return layer
+
+
+def _cast(tree: Any, dtype: torch.dtype | None, requires_grad: bool) -> Any:
+    def cast(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            return t
+        t = t.detach().to(dtype) if dtype is not None else t.detach().clone()
+        return t.requires_grad_(requires_grad)
+
+    return pytree.tree_map(cast, tree)
+
+
+def _leaves(tree: Any, prefix: str) -> list[tuple[str, Tensor]]:
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [(prefix + pytree.keystr(path), leaf) for path, leaf in paths if isinstance(leaf, Tensor)]
+
+
+def _graph_leaves(output: Tensor) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``output``'s graph reaches."""
+    found: dict[int, Tensor] = {}
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found[id(variable)] = variable
+            continue
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(found.values())
+
+
+# ------------------------------------------------------------------------------------------------------ the check
+def check_gradients(
+    target: nn.Module,
+    x: Any,
+    *,
+    z0: Any = None,
+    references: Sequence[str] = REFERENCES,
+    rtol: float = 1e-6,
+    min_cosine: float = 0.5,
+    fd_eps: float = 1e-5,
+    fd_directions: int | None = None,
+    check_tol: float | None = None,
+    check_max_iter: int = 2000,
+    dtype: torch.dtype | None = torch.float64,
+    train: bool | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> GradientReport:
+    """Compare the gradients of an implicit layer (or of ``make_implicit(block, **options)``) with references.
+
+    Checked: every parameter that requires grad, every floating-point leaf of the injection ``x`` and every other
+    leaf tensor requiring grad that the block reaches (closed-over tensors), for the loss ``ℓ = Σ c ⊙ z*`` with a
+    random cotangent c.
+
+    Args:
+        target: an implicit layer (``make_implicit`` result or decorated class instance) or a plain block
+            ``f(z, x)``; ``options`` configure the copy (e.g. ``backward="phantom"``).
+        x, z0: the injection and (optional) initial state of the example.
+        references: any of ``"unrolled"`` (autograd through plain iteration run until its residual is at round-off;
+            skipped when plain iteration does not converge), ``"finite_differences"`` (central differences of ℓ
+            along random directions) and ``"gradcheck"`` (``torch.autograd.gradcheck`` in fast mode on z*; not for
+            closed-over tensors).
+        rtol: relative error allowed for exact modes (``"implicit"``, ``"unrolled"``).
+        min_cosine: cosine with the reference required of approximate modes (phantom, one-step, SHINE), whose
+            gradient differs from the exact one by design.
+        fd_eps, fd_directions: finite-difference step and number of random directions per tensor (default 1 for
+            exact modes, 8 for approximate ones, whose projected gradients are compared by cosine).
+        check_tol, check_max_iter: forward/backward tolerance (default 1e-13 in float64, 1e-5 otherwise) and forward
+            budget of the checked copy.
+        dtype: the copy's dtype (``None`` keeps the module's own; closed-over tensors are never cast).
+        train: check in train (True) or eval (False) mode; default: the layer's current mode.
+        seed: seeds the cotangent and the directions.
+    """
+    started = time.perf_counter()
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown reference(s) {unknown}; valid: {', '.join(REFERENCES)}")
+    layer = _prepare_layer(target, dtype, options)
+    if train is not None:
+        layer.train(train)
+    user = layer.implicit_options
+    approximate, reason = _is_approximate(user)
+    if check_tol is None:
+        check_dtype = dtype or next((p.dtype for p in layer.parameters()), torch.get_default_dtype())
+        check_tol = 1e-13 if check_dtype == torch.float64 else 1e-5
+    layer.implicit_options = user.replace(
+        tol=check_tol,
+        max_iter=max(user.max_iter, check_max_iter),
+        backward_tol=min(user.backward_tol, check_tol),
+        correction=None,
+        jac_loss_probes=0,
+        return_info=False,
+        nonfinite_input="ignore",
+        on_divergence="ignore",
+    )
+    generator = torch.Generator().manual_seed(seed)
+    x = _cast(x, dtype, requires_grad=True)
+    z_start = layer.initial_state(x) if z0 is None else z0
+    z_start = _cast(z_start, dtype, requires_grad=False)
+    layout = StateLayout(z_start)
+    cotangent = torch.randn(layout.flat_shape, generator=generator, dtype=layout.dtype).to(layout.device)
+
+    def loss(z: Any) -> Tensor:
+        return (layout.flatten(z) * cotangent).sum()
+
+    targets = _targets(layer, x, z_start)
+    z, info = layer(x, z0=z_start, return_info=True)
+    grads = torch.autograd.grad(loss(z), [t for _, _, t in targets], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for (_, _, t), g in zip(targets, grads)]
+
+    description = (
+        f"backward={user.backward!r} ({'approximate' if approximate else 'exact'}), solver={user.solver!r}, "
+        f"{layout.dtype}, {'train' if layer.training else 'eval'} mode"
+    )
+    report = GradientReport(description=description, approximate=approximate, reason=reason)
+    report.notes.append(f"forward solve: {info.forward.status}, {info.forward.nfe} f-evaluations")
+    if info.backward is not None:
+        report.notes.append(f"backward solve: {info.backward.status}, {info.backward_vjps} VJPs")
+
+    def forward_loss() -> Tensor:
+        with torch.no_grad():
+            return loss(layer(x, z0=z_start))
+
+    for reference in references:
+        if reference == "unrolled":
+            report.checks += _against_unrolled(layer, x, z_start, loss, targets, grads, approximate, rtol, min_cosine)
+        elif reference == "finite_differences":
+            directions = fd_directions or (8 if approximate else 1)
+            report.checks += _against_differences(
+                forward_loss, targets, grads, approximate, rtol, min_cosine, fd_eps, directions, generator
+            )
+        else:
+            report.checks += _against_gradcheck(layer, x, z_start, layout, targets, approximate, rtol)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def assert_gradients(target: nn.Module, x: Any, **kwargs: Any) -> GradientReport:
+    """:func:`check_gradients`, raising ``AssertionError`` with the report's table when a check fails."""
+    report = check_gradients(target, x, **kwargs)
+    if not report.passed:
+        raise AssertionError("\n" + report.table())
+    return report
+
+
+def _targets(layer: ImplicitMixin, x: Any, z_start: Any) -> list[tuple[str, str, Tensor]]:
+    """``(name, kind, tensor)`` for parameters, injection leaves and closed-over leaves."""
+    params = [(name, "parameter", p) for name, p in layer.named_parameters() if p.requires_grad]
+    inputs = [(name, "input", t) for name, t in _leaves(x, "x") if t.requires_grad]
+    known = {id(t) for _, _, t in params + inputs}
+    with torch.enable_grad():
+        probe = StateLayout(z_start).flatten(layer.block_forward(z_start, x))
+    closures = [t for t in _graph_leaves(probe) if id(t) not in known]
+    named = [(f"closure {tuple(t.shape)} #{i}", "closure", t) for i, t in enumerate(closures)]
+    return params + inputs + named
+
+
+def _compare(
+    got: Tensor, expected: Tensor, approximate: bool, rtol: float, min_cosine: float
+) -> tuple[str, float, float, bool]:
+    """(metric, value, tolerance, passed) of ``got`` against ``expected``."""
+    got, expected = got.detach().flatten().double(), expected.detach().flatten().double()
+    if approximate:
+        denom = torch.linalg.vector_norm(got) * torch.linalg.vector_norm(expected)
+        if float(denom) == 0.0:
+            same = float(torch.linalg.vector_norm(got - expected)) == 0.0
+            return "cosine", 1.0 if same else 0.0, min_cosine, same
+        cosine = float(torch.dot(got, expected) / denom)
+        return "cosine", cosine, min_cosine, cosine >= min_cosine
+    scale = float(torch.linalg.vector_norm(expected))
+    error = float(torch.linalg.vector_norm(got - expected))
+    value = error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+    return "rel. error", value, rtol, value <= rtol
+
+
+def _worst(got: Tensor, expected: Tensor) -> str:
+    difference = (got.detach() - expected.detach()).abs()
+    if difference.numel() == 0:
+        return ""
+    index = tuple(int(i) for i in torch.unravel_index(difference.argmax(), difference.shape))
+    return f"{list(index)}: {float(got[index]):.6g} vs {float(expected[index]):.6g}"
+
+
+def _against_unrolled(layer, x, z_start, loss, targets, grads, approximate, rtol, min_cosine) -> list[Check]:
+    options = layer.implicit_options
+    layout = StateLayout(z_start)
+    with torch.no_grad():
+        fn = lambda z: layout.flatten(layer.block_forward(layout.unflatten(z), x))  # noqa: E731
+        probe = solve(fn, layout.flatten(z_start), solver="fixed_point", tol=options.tol, max_iter=options.max_iter)
+    if not bool(probe.converged.all()):
+        return [
+            Check(name, kind, "unrolled", "-", math.nan, math.nan, "skip", "plain iteration does not converge")
+            for name, kind, _ in targets
+        ]
+    steps = 2 * probe.nfe + 10
+    reference = copy.copy(layer)  # shares parameters with the checked copy
+    reference.implicit_options = options.replace(
+        backward="unrolled", backward_options={}, solver="fixed_point", solver_options={}, tol=0.0, max_iter=steps
+    )
+    expected = torch.autograd.grad(loss(reference(x, z0=z_start)), [t for _, _, t in targets], allow_unused=True)
+    checks = []
+    for (name, kind, t), got, exp in zip(targets, grads, expected):
+        exp = torch.zeros_like(t) if exp is None else exp
+        metric, value, tolerance, passed = _compare(got, exp, approximate, rtol, min_cosine)
+        status = "pass" if passed else "FAIL"
+        checks.append(
+            Check(name, kind, "unrolled", metric, value, tolerance, status, "" if passed else _worst(got, exp))
+        )
+    return checks
+
+
+def _against_differences(
+    forward_loss: Callable[[], Tensor],
+    targets: list[tuple[str, str, Tensor]],
+    grads: list[Tensor],
+    approximate: bool,
+    rtol: float,
+    min_cosine: float,
+    eps: float,
+    directions: int,
+    generator: torch.Generator,
+) -> list[Check]:
+    checks = []
+    for (name, kind, t), got in zip(targets, grads):
+        original = t.detach().clone()
+        # A tensor below float64 (e.g. a float32 closure in a float64 check) gets a larger step and a looser bound.
+        low_precision = t.dtype != torch.float64
+        step = float(torch.finfo(t.dtype).eps) ** (1 / 3) if low_precision else eps
+        bound = 1e-2 if low_precision else max(rtol, 1e-7)
+        analytic, numeric = [], []
+        try:
+            for _ in range(directions):
+                d = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                d = d / torch.linalg.vector_norm(d)
+                values = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        t.copy_(original + sign * step * d)
+                    values.append(float(forward_loss()))
+                numeric.append((values[0] - values[1]) / (2 * step))
+                analytic.append(float((got * d).sum()))
+        finally:
+            with torch.no_grad():
+                t.copy_(original)  # nothing the user passed in stays modified
+        a, n = torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)
+        if approximate:
+            metric, value, tolerance, passed = _compare(a, n, True, rtol, min_cosine)
+        else:
+            # Finite differences carry O(step²) and O(tol/step) error: a floor of 1e-7 relative to the gradient.
+            scale = max(float(n.abs().max()), float(torch.linalg.vector_norm(got)) * 1e-2, 1e-300)
+            value = float((a - n).abs().max()) / scale
+            metric, tolerance, passed = "dir. rel. error", bound, value <= bound
+        worst = "" if passed else f"directional derivative {float(a[0]):.6g} vs finite difference {float(n[0]):.6g}"
+        checks.append(
+            Check(name, kind, "finite_differences", metric, value, tolerance, "pass" if passed else "FAIL", worst)
+        )
+    return checks
+
+
+def _against_gradcheck(layer, x, z_start, layout, targets, approximate, rtol) -> list[Check]:
+    checks = []
+    params = dict(layer.named_parameters())
+    for name, kind, t in targets:
+        if approximate or kind == "closure":
+            why = "approximate mode" if approximate else "closed-over tensors cannot be passed as inputs"
+            checks.append(Check(name, kind, "gradcheck", "-", math.nan, math.nan, "skip", why))
+            continue
+
+        def output(value: Tensor, name: str = name, kind: str = kind, original: Tensor = t) -> Tensor:
+            if kind == "parameter":
+                z = torch.func.functional_call(layer, {**params, name: value}, (x,), {"z0": z_start})
+            else:
+                z = layer(pytree.tree_map(lambda leaf: value if leaf is original else leaf, x), z0=z_start)
+            return layout.flatten(z)
+
+        ok = torch.autograd.gradcheck(
+            output,
+            (t.detach().clone().requires_grad_(),),
+            eps=1e-6,
+            atol=1e-8,
+            rtol=max(rtol, 1e-5),
+            fast_mode=True,
+            raise_exception=False,
+        )
+        checks.append(Check(name, kind, "gradcheck", "fast mode", math.nan, max(rtol, 1e-5), "pass" if ok else "FAIL"))
+    return checks
