@@ -1,0 +1,187 @@
+"""``implicit.testing.check_gradients``: passes on correct DEQs, and fails — naming the tensor — on broken ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import gen, make_weight
+from torch import nn
+
+import implicit
+from implicit.testing import assert_gradients, check_gradients
+
+WIDTH = 6
+
+
+class Tanh(nn.Module):
+    """``tanh(z Wᵀ + x + b)`` with ``‖W‖₂ = lipschitz``, in float32 (the checker works on a float64 copy)."""
+
+    def __init__(self, lipschitz: float = 0.8, seed: int = 0) -> None:
+        super().__init__()
+        self.W = nn.Parameter(make_weight(WIDTH, lipschitz, "gauss", gen(seed), dtype=torch.float32))
+        self.b = nn.Parameter(0.1 * torch.randn(WIDTH, generator=gen(seed + 1)))
+
+    def weight(self) -> torch.Tensor:
+        return self.W
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.weight().T + x + self.b)
+
+
+class _FlipGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _DropGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+class WrongSign(Tanh):
+    """Backward flips the sign of W's gradient."""
+
+    def weight(self) -> torch.Tensor:
+        return _FlipGradient.apply(self.W)
+
+
+class DetachedInjection(Tanh):
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x.detach() + self.b)
+
+
+SHIFT = torch.linspace(-0.2, 0.2, WIDTH, dtype=torch.float64).requires_grad_()
+
+
+class ClosureBlock(Tanh):
+    """Closes over the tensor SHIFT (not a parameter, not the injection)."""
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x + self.b + SHIFT)
+
+
+class ClosureWithoutGradient(Tanh):
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + x + self.b + _DropGradient.apply(SHIFT))
+
+
+def _x(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, WIDTH, generator=gen(5))
+
+
+@pytest.mark.parametrize("backward_solver", ["fixed_point", "anderson", "broyden", "gmres"])
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_exact_modes_pass_every_reference(solver, backward_solver):
+    report = assert_gradients(Tanh(), _x(), solver=solver, backward_solver=backward_solver)
+    assert not report.approximate
+    assert all(c.status in ("pass", "skip") for c in report.checks)
+    assert {c.tensor for c in report.checks} == {"block.W", "block.b", "x"}
+    assert max(c.value for c in report.checks if c.metric == "rel. error") < 1e-9
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"backward": "phantom", "backward_options": {"steps": 5, "tau": 0.5}},
+        {"backward": "phantom", "backward_options": {"steps": 5, "variant": "neumann"}},
+        {"backward": "one_step"},
+        {"solver": "broyden", "backward": "shine"},
+    ],
+    ids=["phantom", "neumann", "one_step", "shine"],
+)
+def test_approximate_modes_pass_their_cosine_bound_and_say_why(options):
+    report = assert_gradients(Tanh(lipschitz=0.5), _x(), **options)
+    assert report.approximate and "(I − J)⁻¹ by" in report.reason
+    cosines = [c.value for c in report.checks if c.metric == "cosine"]
+    assert cosines and min(cosines) >= 0.5
+    assert "approximate mode" in report.table()
+
+
+def test_closed_over_tensors_are_found_and_checked():
+    report = assert_gradients(ClosureBlock(), _x())
+    closure_checks = [c for c in report.checks if c.kind == "closure"]
+    assert closure_checks and all(c.status in ("pass", "skip") for c in closure_checks)
+    assert SHIFT.grad is None  # the user's tensor is not given a gradient by the check
+
+
+def _failing(report, tensor_part: str) -> list:
+    assert not report.passed
+    return [c for c in report.failures if tensor_part in c.tensor]
+
+
+def test_missing_gradient_of_a_closed_over_tensor_fails_naming_it():
+    report = check_gradients(ClosureWithoutGradient(), _x())
+    failures = _failing(report, "closure")
+    assert failures and all(c.kind == "closure" for c in report.failures)
+    with pytest.raises(AssertionError, match="closure"):
+        assert_gradients(ClosureWithoutGradient(), _x())
+
+
+def test_wrong_sign_for_one_parameter_fails_naming_it():
+    report = check_gradients(WrongSign(), _x())
+    assert {c.tensor for c in report.failures} == {"block.W"}
+    assert {c.reference for c in report.failures} >= {"finite_differences", "gradcheck"}
+    with pytest.raises(AssertionError) as raised:
+        assert_gradients(WrongSign(), _x())
+    assert "block.W" in str(raised.value) and "FAIL" in str(raised.value)
+
+
+def test_detached_injection_fails_naming_it():
+    report = check_gradients(DetachedInjection(), _x())
+    assert {c.tensor for c in report.failures} == {"x"}
+
+
+def test_truncated_backward_solve_on_a_slowly_contracting_block_fails():
+    block = Tanh(lipschitz=0.99)
+    good = check_gradients(block, 0.01 * _x(), backward_max_iter=500)
+    assert good.passed, good.table()
+    report = check_gradients(block, 0.01 * _x(), backward_solver="fixed_point", backward_max_iter=2)
+    assert not report.passed
+    assert {c.tensor for c in report.failures} == {"block.W", "block.b", "x"}
+    assert "backward solve" in report.table() and "budget" in report.table()
+
+
+def test_the_users_module_and_inputs_are_not_changed():
+    block = Tanh()
+    layer = implicit.make_implicit(block, solver="broyden")
+    x = _x()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    x_before = x.clone()
+    check_gradients(layer, x)
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+    assert block.W.dtype == torch.float32 and block.W.grad is None
+    assert torch.equal(x, x_before) and not x.requires_grad
+    assert layer.implicit_options.solver == "broyden" and layer.implicit_options.tol == 1e-4
+
+
+class PytreeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Tanh()
+
+    def forward(self, z, x):
+        flat = torch.cat([z["a"], z["b"].flatten(1)], dim=1)
+        out = self.inner(flat, x)
+        return {"a": out[:, :2], "b": out[:, 2:].reshape(-1, 2, 2)}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_pytree_states_and_both_modes(train):
+    z0 = {"a": torch.zeros(3, 2), "b": torch.zeros(3, 2, 2)}
+    report = assert_gradients(PytreeBlock(), _x(), z0=z0, train=train)
+    assert ("train" if train else "eval") in report.description
+
+
+def test_unknown_reference_is_rejected():
+    with pytest.raises(ValueError, match="reference"):
+        check_gradients(Tanh(), _x(), references=("exact",))
