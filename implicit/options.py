@@ -56,9 +56,10 @@ class ImplicitOptions:
     """Options of an implicit layer (all keyword-only at the call sites).
 
     Forward solve:
-        solver: ``"fixed_point"``, ``"anderson"`` or ``"broyden"``.
+        solver: ``"fixed_point"``, ``"anderson"``, ``"broyden"``, ``"adjoint_broyden"`` or ``"ode"``.
         solver_options: the solver's own options (fixed_point: ``tau``; anderson: ``m``, ``beta``, ``lam``;
-            broyden: ``memory``).
+            broyden: ``memory``; adjoint_broyden: ``memory``, ``opa_every``; ode: ``method``, ``rtol``, ``atol``,
+            ``t_max``, ``step_size``).
         tol, stop_mode: stop a sample when its residual ≤ tol; ``"rel"``: ‖f(z) − z‖/‖f(z)‖, ``"abs"``:
             ‖f(z) − z‖/√N (root mean square per element, independent of the state size).
         max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
@@ -66,7 +67,8 @@ class ImplicitOptions:
     Backward:
         backward: ``"implicit"`` (exact implicit-function-theorem gradient), ``"phantom"`` (damped phantom gradient,
             unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward Broyden inverse
-            reused; needs ``solver="broyden"``) or ``"unrolled"`` (autograd through the iterations; reference).
+            reused; needs ``solver="broyden"`` or ``"adjoint_broyden"``) or ``"unrolled"`` (autograd through the
+            iterations; reference).
         backward_options: the mode's own options (phantom: ``steps``, ``tau``, ``variant``; shine: ``fallback``,
             ``fallback_ratio``, ``refine``, ``refine_estimate``).
         backward_solver, backward_solver_options, backward_tol, backward_max_iter, backward_stop_mode: the linear

@@ -25,8 +25,9 @@ def _apply_inverse_estimate(v: Tensor, u_factors: Tensor, v_factors: Tensor) -> 
 class Shine(BackwardMode):
     """``u_SHINE = −v H`` with ``H ≈ (J − I)⁻¹`` the forward Broyden solver's low-rank estimate (no VJP, O(rN)).
 
-    Needs ``solver="broyden"`` (whose factors the result carries). With good Broyden the estimate is accurate only
-    along the directions the solve explored; SHINE's published remedies are offered:
+    Needs ``solver="broyden"`` or ``"adjoint_broyden"`` (whose factors the result carries). With good Broyden the
+    estimate is accurate only along the directions the solve explored; adjoint Broyden with OPA updates along
+    ``∂ℓ/∂z`` makes it accurate where the backward needs it. SHINE's published remedies are also offered:
 
     Args:
         fallback: per sample, when ``‖u‖ > fallback_ratio ‖v‖`` (a bound that an f with Lipschitz constant L below
@@ -66,7 +67,7 @@ class Shine(BackwardMode):
     def adjoint(self, v: Tensor, tracked: Tracked) -> Tensor:
         state = tracked.result.state
         if "U" not in state:
-            raise RuntimeError("backward='shine' needs the forward Broyden factors: use solver='broyden'")
+            raise RuntimeError("backward='shine' needs the forward factors: use solver='broyden' or 'adjoint_broyden'")
         u_factors, v_factors = state["U"], state["V"]
         u = _apply_inverse_estimate(v, u_factors, v_factors)
         info = tracked.info

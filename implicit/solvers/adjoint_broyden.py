@@ -23,7 +23,9 @@ class AdjointBroyden(Solver):
     residual's norm), so that ``d H`` — SHINE's backward product — becomes accurate. One more VJP per such update.
 
     Args:
-        memory: stored pairs at most (restart when full, as :class:`Broyden`).
+        memory: stored pairs at most (restart when full, as :class:`Broyden`; a restart also drops the OPA pairs,
+            so for SHINE choose a memory that covers the solve — measured: with memory 30 instead of 300 SHINE's
+            cosine with the exact adjoint fell from 1.0000 to 0.94 / 0.79 on benchmarks/RESULTS.md's sym / orth).
         opa_every: steps between OPA updates (0: none).
 
     The factors are exported as ``result.state["U"], ["V"]`` for ``backward="shine"``. Not differentiable.
@@ -49,8 +51,8 @@ class AdjointBroyden(Solver):
         if self.opa_every and self.direction is None:
             raise ValueError("adjoint_broyden: opa_every > 0 needs state={'opa_direction': d}")
         batch, n = z0.shape
-        self.U = z0.new_zeros(batch, self.memory, n)
-        self.V = z0.new_zeros(batch, self.memory, n)
+        self.U = z0.new_empty(batch, self.memory, n)  # rows [:count] are the only ones read
+        self.V = z0.new_empty(batch, self.memory, n)
         self.count = 0
         self.k = 0
 

@@ -43,8 +43,9 @@ class Broyden(Solver):
             raise ValueError(f"broyden: warm-start state takes U and V (B, r, N) together, got {sorted(state)}")
         count = 0 if u0 is None else u0.shape[1]
         self.memory = max(self.memory, count + 1)
-        self.U = z0.new_zeros(batch, self.memory, n)
-        self.V = z0.new_zeros(batch, self.memory, n)
+        # Only the first `count` rows are ever read: no need to zero-fill (costly for large memory × N).
+        self.U = z0.new_empty(batch, self.memory, n)
+        self.V = z0.new_empty(batch, self.memory, n)
         if count:
             self.U[:, :count] = u0
             self.V[:, :count] = v0
