@@ -191,6 +191,8 @@ def _validate(o: ImplicitOptions) -> None:
         cls = get_solver_class(solver)
         if cls.linear_only and not prefix:
             raise ValueError(f"solver {solver!r} solves linear systems only; use it as backward_solver")
+        if cls.forward_only and prefix:
+            raise ValueError(f"solver {solver!r} differentiates f itself and cannot solve the backward system")
         cls.check_options(dict(getattr(o, f"{prefix}solver_options")), context=f"{prefix}solver_options")
         cls(**getattr(o, f"{prefix}solver_options"))  # value checks live in the solver's constructor
         _check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)

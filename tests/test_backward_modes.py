@@ -570,3 +570,20 @@ def test_gradient_of_every_mode_on_pytree_states(mode, steps, tau, structure, ba
     else:
         u = documented_adjoint(options, per_sample_jacobian(p.fn, z), c, info.forward.state)
         assert rel_err(got, grads_from_adjoint(p, z, u)[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-10, 1e-13])
+def test_unrolled_broyden_gradient_stays_finite_at_round_off(tol):
+    """A Broyden pair whose denominator vanishes is dropped; unrolled, its masked reciprocal must not
+    backpropagate 0 · ∞ = NaN (regression: found by the strategies' drawn problems)."""
+    x = torch.tensor([[1.5410], [-0.2934]], dtype=torch.float64, requires_grad=True)
+
+    def f(z, x):
+        return torch.tanh(0.45 * z + x)
+
+    z, _ = implicit.equilibrium(
+        f, x, torch.zeros(2, 4, dtype=torch.float64), solver="broyden", backward="unrolled", tol=tol, max_iter=100
+    )
+    (grad,) = torch.autograd.grad(z.sum(), x)
+    slope = 1 - z.detach()[:, :1] ** 2  # scalar equilibrium z = tanh(0.45 z + x): dz/dx = s / (1 − 0.45 s)
+    torch.testing.assert_close(grad, 4 * slope / (1 - 0.45 * slope), rtol=max(1e-8, 100 * tol), atol=0)

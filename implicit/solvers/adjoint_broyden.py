@@ -32,6 +32,7 @@ class AdjointBroyden(Solver):
     """
 
     name = "adjoint_broyden"
+    forward_only = True
 
     def __init__(self, *, memory: int = 30, opa_every: int = 0) -> None:
         if not (isinstance(memory, int) and memory >= 1):

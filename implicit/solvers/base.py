@@ -45,6 +45,8 @@ class Solver(Configurable):
     kind: ClassVar[str] = "solver"
     #: True for solvers that only solve affine maps ``z ↦ b + zA`` (usable for the backward linear system only).
     linear_only: ClassVar[bool] = False
+    #: True for solvers that differentiate f themselves (not usable for the backward system, whose map is a VJP).
+    forward_only: ClassVar[bool] = False
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         """Allocate per-solve state for ``z0`` of shape ``(B, N)``. With ``differentiable`` the steps must be

@@ -10,6 +10,15 @@ from torch import Tensor
 from .base import Solver
 
 
+def _inverse_or_zero(denominator: Tensor, differentiable: bool) -> Tensor:
+    """``1 / d``, and 0 where d is zero or not finite. Differentiable: the masked entries get zero gradient
+    (``nan_to_num`` of an infinite reciprocal would backpropagate 0 · ∞ = NaN)."""
+    if not differentiable:
+        return torch.nan_to_num(denominator.reciprocal(), nan=0.0, posinf=0.0, neginf=0.0)
+    ok = (denominator.abs() > torch.finfo(denominator.dtype).tiny) & torch.isfinite(denominator)
+    return torch.where(ok, 1.0 / torch.where(ok, denominator, 1.0), 0.0)
+
+
 class Broyden(Solver):
     """Good Broyden with a low-rank inverse Jacobian ``H ≈ (J − I)⁻¹ = −I + Σ_i u_i v_iᵀ``.
 
@@ -88,7 +97,7 @@ class Broyden(Solver):
                 minus_h_g = g[:, None]
                 direction = s + y
             # u = (s − H y) / (vᵀ y); a zero or non-finite denominator leaves a zero pair (no update)
-            inv = torch.nan_to_num(torch.linalg.vecdot(v, y).reciprocal_(), nan=0.0, posinf=0.0, neginf=0.0)
+            inv = _inverse_or_zero(torch.linalg.vecdot(v, y), self.differentiable)
             u = torch.mul(direction, inv[:, :, None], out=self._slot(self.U, r))
             self._store(r, u, v)
             # −H_new g = −H g − u (v·g)

@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--train", dest="train", action="store_true", default=None, help="check in train mode")
     mode.add_argument("--eval", dest="train", action="store_false", help="check in eval mode")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="intra-op CPU threads (default 1: the checked examples are small, and on a busy machine multithreaded "
+        "small-matrix kernels such as Anderson's solves run many times slower; 0 keeps torch's default)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print the tables of failing examples only")
     return parser
 
@@ -217,6 +225,10 @@ def run(args: argparse.Namespace, out: Any) -> int:
     started = time.perf_counter()
     if args.examples < 1:
         _fail(f"--examples must be ≥ 1, got {args.examples}")
+    if args.threads < 0:
+        _fail(f"--threads must be ≥ 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     references = parse_references(args.references)
     options = layer_options(args)
     factory = load_factory(args.factory)

@@ -3,6 +3,7 @@
 Every function returns a hypothesis ``SearchStrategy``, so the draws combine with a user's own strategies in one
 ``@given`` (and with ``.map``, ``.filter``, ``.flatmap``, ``st.tuples``)::
 
+    import implicit
     from hypothesis import given, strategies as hst
     from implicit.testing import strategies as deq
 
@@ -11,6 +12,9 @@ Every function returns a hypothesis ``SearchStrategy``, so the draws combine wit
         block, x, z0 = problem
         z, info = implicit.equilibrium(block, x, z0, **options)
         ...
+
+Any other public name is looked up in ``hypothesis.strategies``, so ``from implicit.testing import strategies as st``
+can stand in for it: ``st.states(batch=st.integers(1, 4))``.
 
 Conventions:
 
@@ -46,7 +50,7 @@ from ..backward import get_backward_class
 from ..backward.phantom import VARIANTS as PHANTOM_VARIANTS
 from ..backward.shine import ESTIMATES as SHINE_ESTIMATES
 from ..backward.shine import FALLBACKS as SHINE_FALLBACKS
-from ..options import ImplicitOptions
+from ..options import ImplicitOptions, resolve_options
 from ..pytree import StateLayout
 from ..solvers import STOP_MODES, get_solver_class
 
@@ -88,10 +92,24 @@ _KEY_ALPHABET = "abchmnxyz_"
 _SEEDS = (0, 2**32 - 1)
 # Solvers whose iterations autograd cannot differentiate (no backward="unrolled").
 _NOT_DIFFERENTIABLE = ("adjoint_broyden", "gmres")
+# Solvers that ImplicitOptions accepts as backward_solver but that fail in the backward pass (they record a graph
+# of the map they solve: the backward map has none).
+_NOT_BACKWARD_SOLVERS = ("adjoint_broyden",)
 # Forward solvers whose factors backward="shine" reuses.
 _SHINE_SOLVERS = ("broyden", "adjoint_broyden")
 # Dense measurement of a convolution's operator norm up to this many elements per sample, an FFT bound above.
 _DENSE_LIMIT = 1024
+
+
+def __getattr__(name: str) -> Any:
+    """Public names this module does not define come from ``hypothesis.strategies`` (``integers``, ``floats``, ...)."""
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    hst = _hypothesis()
+    try:
+        return getattr(hst, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has hypothesis.strategies)") from None
 
 
 def _hypothesis() -> Any:
@@ -100,7 +118,7 @@ def _hypothesis() -> Any:
         import hypothesis.strategies as hst
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "implicit.testing.strategies needs hypothesis: pip install hypothesis (or torch-implicit[dev])"
+            "implicit.testing.strategies needs hypothesis: pip install hypothesis (or torch-implicit[testing])"
         ) from error
     return hst
 
@@ -133,7 +151,7 @@ def operator_norm(weight: Tensor, length: int | None = None, *, dense_limit: int
 
 
 def _flat(tree: Any, batch: int, dtype: torch.dtype, what: str) -> Tensor:
-    leaves = [leaf for leaf in pytree.tree_leaves(tree)]
+    leaves = list(pytree.tree_leaves(tree))
     if not leaves or not all(isinstance(leaf, Tensor) for leaf in leaves):
         raise TypeError(f"{what} must be a tensor or a pytree of tensors")
     return torch.cat([leaf.reshape(batch, -1).to(dtype) for leaf in leaves], dim=1)
@@ -604,7 +622,7 @@ def injections(target: Any, *, batch: Any = None, scale: Any = 1.0) -> SearchStr
     def draw_injection(draw: Any) -> Any:
         drawn = draw(target_st)
         b = None if batch_st is None else draw(batch_st)
-        if isinstance(drawn, ContractiveBlock):
+        if callable(getattr(drawn, "injection_like", None)):  # a ContractiveBlock or a block with that method
             like = drawn.injection_like(b)
         else:
             layout = StateLayout(drawn)
@@ -732,15 +750,19 @@ def solver_options(
     Only valid pairs are drawn: ``"shine"`` with a Broyden solver, ``"unrolled"`` with a differentiable solver.
 
     The default ranges converge on every block of Lipschitz constant ≤ 0.9 (e.g. :func:`contractive_blocks`):
-    damping ≥ 0.6, Anderson β ≥ 0.5, Broyden memory ≥ 2, GMRES restart ≥ 5, budgets of 1000 iterations.
+    damping ≥ 0.6, Anderson β ≥ 0.5, Broyden memory ≥ 2, GMRES restart ≥ 5, budgets of 1000 iterations. Solvers
+    without an entry here (``"ode"``, solvers registered by the user) draw empty ``solver_options``; the ODE solver
+    costs 5–20× the f-evaluations, so give it a larger ``max_iter`` or a looser ``tol``. ``"adjoint_broyden"`` is
+    refused as a backward solver (``ImplicitOptions`` accepts it, but it needs a graph of the map it solves, which
+    the backward map lacks, and the backward pass raises).
 
     Args:
         solvers, backward_modes, backward_solvers, stop_modes: the choices (one, a sequence or a strategy).
         tol, backward_tol: a number, a sequence of numbers (sampled) or a strategy; default 1e-6, 1e-8 or 1e-10 in
-            float64 and 1e-4 or 1e-5 otherwise (see ``dtype``).
+            float64, 1e-4 or 1e-5 in float32, 20 or 100 eps for half-precision states (see ``dtype``).
         max_iter, backward_max_iter, check_every: an int, an inclusive ``(low, high)`` range or a strategy.
         tune: draw the solvers' and modes' own options (False: always their defaults, empty dicts).
-        dtype: the dtype the solves run in, for the default tolerances.
+        dtype: the states' dtype, for the default tolerances.
         **fixed: options put into every draw as they are (e.g. ``on_divergence="raise"``), replacing drawn ones.
     """
     hst = _hypothesis()
@@ -751,9 +773,14 @@ def solver_options(
             raise ValueError(f"solver {name!r} solves linear systems only: pass it in backward_solvers")
     for name in _items(backward_solvers) or ():
         get_solver_class(name)
+        if name in _NOT_BACKWARD_SOLVERS:
+            raise ValueError(
+                f"{name!r} cannot solve the backward system: it differentiates the map it solves, and the backward "
+                "map u ↦ v + u J carries no graph (ImplicitOptions accepts it; the backward pass fails)"
+            )
     for name in mode_names or ():
         get_backward_class(name)
-    default_tols = (1e-6, 1e-8, 1e-10) if dtype == torch.float64 else (1e-4, 1e-5)
+    default_tols = _default_tolerances(dtype)
     tol_st = _tolerances(tol, default_tols, "tol")
     backward_tol_st = _tolerances(backward_tol, default_tols, "backward_tol")
     max_iter_st = _integers(max_iter, "max_iter", minimum=1)
@@ -761,7 +788,7 @@ def solver_options(
     stop_st = _choices(stop_modes, "stop_modes", STOP_MODES)
     check_st = _integers(check_every, "check_every", minimum=1)
     backward_solver_st = _choices(backward_solvers, "backward_solvers")
-    ImplicitOptions(**fixed)  # misspelled or invalid fixed options raise now
+    resolve_options(None, fixed)  # misspelled or invalid fixed options raise now, naming the closest valid one
 
     def compatible(pair: tuple[str, str]) -> bool:
         solver, mode = pair
@@ -811,6 +838,16 @@ def solver_options(
         return options
 
     return draw_options()
+
+
+def _default_tolerances(dtype: torch.dtype) -> tuple[float, ...]:
+    if dtype == torch.float64:
+        return (1e-6, 1e-8, 1e-10)
+    if dtype == torch.float32:
+        return (1e-4, 1e-5)
+    # Half-precision states: the block's output is rounded to the leaf dtype, so the residual stalls near its eps.
+    eps = torch.finfo(dtype).eps
+    return (20 * eps, 100 * eps)
 
 
 def _tolerances(value: Any, default: Sequence[float], what: str) -> SearchStrategy[float]:
