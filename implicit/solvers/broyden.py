@@ -62,16 +62,13 @@ class Broyden(Solver):
         self.prev_g: Tensor | None = None
         self.prev_step: Tensor | None = None
 
-    def _slot(self, factors: Tensor, r: int) -> Tensor | None:
-        """Where a new factor row is written directly (``out=``); None when differentiable (computed out of place,
-        then stored into fresh buffers by :meth:`_store`)."""
-        return None if self.differentiable else factors[:, r : r + 1]
-
     def _store(self, r: int, u: Tensor, v: Tensor) -> None:
+        """Put the pair ``(u, v)`` (rows ``(B, 1, N)``) in slot r. Computed out of place and copied: an ``out=``
+        into the factor buffers, which the same kernels read, takes PyTorch's slow overlapping-memory path."""
         if self.differentiable:  # autograd saved the old buffers: write into fresh ones
             self.U, self.V = self.U.clone(), self.V.clone()
-            self.U[:, r : r + 1] = u
-            self.V[:, r : r + 1] = v
+        self.U[:, r : r + 1] = u
+        self.V[:, r : r + 1] = v
         self.count = r + 1
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
@@ -89,16 +86,16 @@ class Broyden(Solver):
                 U, V = self.U[:, :r], self.V[:, :r]
                 # H y = −y + (y Vᵀ) U and vᵀ = sᵀ H = −s + (s Uᵀ) V: one pass over a factor per product
                 h_y = torch.baddbmm(y, torch.bmm(y, V.transpose(1, 2)), U, beta=-1)
-                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1, out=self._slot(self.V, r))
+                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1)
                 minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
                 direction = minus_h_g
             else:
-                v = torch.neg(s, out=self._slot(self.V, r))
+                v = -s
                 minus_h_g = g[:, None]
                 direction = s + y
             # u = (s − H y) / (vᵀ y); a zero or non-finite denominator leaves a zero pair (no update)
             inv = _inverse_or_zero(torch.linalg.vecdot(v, y), self.differentiable)
-            u = torch.mul(direction, inv[:, :, None], out=self._slot(self.U, r))
+            u = direction * inv[:, :, None]
             self._store(r, u, v)
             # −H_new g = −H g − u (v·g)
             step = torch.addcmul(minus_h_g, u, torch.linalg.vecdot(v, g[:, None])[:, :, None], value=-1)[:, 0]
