@@ -10,7 +10,7 @@ backward mode changes the gradient, never the forward value.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,9 +87,8 @@ class Tracked:
         return torch.zeros_like(u) if u_jac is None else u_jac
 
 
-def depends_on_more_than(output: Tensor, leaf: Tensor) -> bool:
-    """Whether ``output``'s autograd graph reaches a tensor requiring grad other than ``leaf`` (parameters,
-    injection, closures). Walks the graph until the first such tensor."""
+def graph_leaves(output: Tensor) -> Iterator[Tensor]:
+    """The leaf tensors requiring grad that ``output``'s autograd graph reaches, lazily, each once."""
     stack = [output.grad_fn] if output.grad_fn is not None else []
     seen: set[int] = set()
     while stack:
@@ -99,11 +98,15 @@ def depends_on_more_than(output: Tensor, leaf: Tensor) -> bool:
         seen.add(id(node))
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         if variable is not None:
-            if variable is not leaf:
-                return True
+            yield variable
             continue
         stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-    return False
+
+
+def depends_on_more_than(output: Tensor, leaf: Tensor) -> bool:
+    """Whether ``output``'s graph reaches a tensor requiring grad other than ``leaf`` (parameters, injection,
+    closures); stops at the first one."""
+    return any(variable is not leaf for variable in graph_leaves(output))
 
 
 class AttachGradient(torch.autograd.Function):

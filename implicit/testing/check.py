@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..backward.base import graph_leaves
 from ..module import ImplicitMixin, make_implicit
 from ..options import ImplicitOptions
 from ..pytree import StateLayout
@@ -132,24 +133,6 @@ def _cast(tree: Any, dtype: torch.dtype | None, requires_grad: bool) -> Any:
 def _leaves(tree: Any, prefix: str) -> list[tuple[str, Tensor]]:
     paths, _ = pytree.tree_flatten_with_path(tree)
     return [(prefix + pytree.keystr(path), leaf) for path, leaf in paths if isinstance(leaf, Tensor)]
-
-
-def _graph_leaves(output: Tensor) -> list[Tensor]:
-    """Leaf tensors requiring grad that ``output``'s graph reaches."""
-    found: dict[int, Tensor] = {}
-    stack = [output.grad_fn] if output.grad_fn is not None else []
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            found[id(variable)] = variable
-            continue
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return list(found.values())
 
 
 # ------------------------------------------------------------------------------------------------------ the check
@@ -274,7 +257,7 @@ def _targets(layer: ImplicitMixin, x: Any, z_start: Any) -> list[tuple[str, str,
     known = {id(t) for _, _, t in params + inputs}
     with torch.enable_grad():
         probe = StateLayout(z_start).flatten(layer.block_forward(z_start, x))
-    closures = [t for t in _graph_leaves(probe) if id(t) not in known]
+    closures = [t for t in graph_leaves(probe) if id(t) not in known]
     named = [(f"closure {tuple(t.shape)} #{i}", "closure", t) for i, t in enumerate(closures)]
     return params + inputs + named
 
