@@ -62,8 +62,13 @@ def _worker(rank: int, world: int, port: int, wrapper: str, out: str) -> None:
         grads = {name.removeprefix("module."): _full_grad(p) for name, p in model.named_parameters()}
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's background threads can make it abort (SIGABRT, "terminate
+    # called without an active exception") after all work is done, failing the run at random.
+    os._exit(0)
 
 
 def _free_port() -> int:

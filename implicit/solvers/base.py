@@ -97,9 +97,7 @@ class Monitor:
         self.best_abs = self.best_rel = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
         self.limit = self.best_abs  # explosion threshold, set at the first check
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.never = torch.zeros_like(self.active)
         self.initial_active = initial_active
-        self.diverged = self.never
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
@@ -124,13 +122,15 @@ class Monitor:
         self.best_abs = torch.where(better, r_abs, self.best_abs)
         self.best_rel = torch.where(better, r_rel, self.best_rel)
         self.best_z = torch.where(better[:, None], z, self.best_z)
-        bad = active & ~(r_abs <= self.limit)  # also True for NaN/Inf
-        done = active & (self.best_r <= self.tol) if self.tol > 0 else self.never
+        # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and its
+        # best residual is above tol. Whether it stopped by converging or by diverging is read off at the end.
+        keep = active & (r_abs <= self.limit)
+        if self.tol > 0:
+            keep = keep & (self.best_r > self.tol)
         if first and self.initial_active is not None:
-            done = done | ~self.initial_active
+            keep = keep & self.initial_active
         self.nstep = self.nstep.add_(active, alpha=nfe - (self.trace_nfe[-1] if self.trace_nfe else 0))
-        self.diverged = self.diverged | (bad & ~done)
-        self.active = active & ~(done | bad)
+        self.active = keep
         self.trace.append(r.detach())
         self.trace_nfe.append(nfe)
 
@@ -141,6 +141,10 @@ class Monitor:
     def result(self, nfe: int, state: dict[str, Any] | None = None) -> SolverResult:
         tol = self.tol
         converged = self.best_r <= tol if tol > 0 else self.best_r == 0
+        # Stopped, not converged and not frozen from the start: a non-finite or exploding residual stopped it.
+        diverged = ~self.active & ~converged
+        if self.initial_active is not None:
+            diverged = diverged & self.initial_active
         return SolverResult(
             z=self.best_z,
             abs=self.best_abs,
@@ -148,7 +152,7 @@ class Monitor:
             nstep=self.nstep,
             nfe=nfe,
             converged=converged,
-            diverged=self.diverged & ~converged,
+            diverged=diverged,
             trace=torch.stack(self.trace) if self.trace else self.best_r.new_empty(0, self.best_r.numel()),
             trace_nfe=self.trace_nfe,
             stop_mode=self.stop_mode,
