@@ -37,7 +37,6 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 import weakref
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 import implicit
 
-from .solver_overhead import count_vjps, fmt, gc_paused, make_tol_problem, ratio, source_state, table
+from .solver_overhead import Timing, count_vjps, fmt, gc_paused, make_tol_problem, ratio, source_state, table
 
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
 SECTION_TITLE = "## Backward modes and training features (CPU)"
@@ -310,16 +309,16 @@ class Row:
     adj_err: float = math.nan
     grad_err: float = math.nan
     saved_mb: float = math.nan
-    fwd_ms: list[float] = field(default_factory=list)
-    bwd_ms: list[float] = field(default_factory=list)
+    fwd_ms: Timing = field(default_factory=Timing)
+    bwd_ms: Timing = field(default_factory=Timing)
 
     @property
     def fwd(self) -> float:
-        return statistics.median(self.fwd_ms) if self.fwd_ms else math.nan
+        return self.fwd_ms.median
 
     @property
     def bwd(self) -> float:
-        return statistics.median(self.bwd_ms) if self.bwd_ms else math.nan
+        return self.bwd_ms.median
 
 
 class Runner:
@@ -454,8 +453,8 @@ def measure(case: Case, cfgs: list[Config], repeats: int, warmup: int) -> list[R
                 runner.backward(loss, inj)
                 t2 = time.perf_counter()
                 if r >= warmup:
-                    row.fwd_ms.append((t1 - t0) * 1e3)
-                    row.bwd_ms.append((t2 - t1) * 1e3)
+                    row.fwd_ms.samples.append((t1 - t0) * 1e3)
+                    row.bwd_ms.samples.append((t2 - t1) * 1e3)
                 del loss, inj
             gc.collect()
     return rows

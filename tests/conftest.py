@@ -9,20 +9,13 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # CI must be reproducible: the same examples on every run. HYPOTHESIS_PROFILE=explore draws fresh examples locally.
-settings.register_profile(
-    "ci",
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-settings.register_profile(
-    "explore",
-    derandomize=False,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+_COMMON = {
+    "deadline": None,
+    "print_blob": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.register_profile("explore", derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The test problems are tiny: intra-op threads only add synchronisation, and on a busy 2-core machine OpenMP barriers

@@ -351,3 +351,33 @@ class CountingTanh(TanhBlock):
         if pre.requires_grad:
             pre.register_hook(self._count_vjp)
         return torch.tanh(pre)
+
+
+# Source of a small contractive block for tests that write projects to disk (the CLI and pytest-plugin tests):
+# with ``broken=True`` its custom autograd Function flips the sign of ``linear.weight``'s gradient.
+FLIPPED_BLOCK = '''
+class FlipGrad(torch.autograd.Function):
+    """Identity forward, negated gradient: the 'wrong sign for one parameter' mutation."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Block(nn.Module):
+    def __init__(self, broken=False):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.gain = nn.Parameter(torch.tensor(0.8))
+        with torch.no_grad():
+            self.linear.weight.mul_(0.5)  # ‖W‖₂ < 1: contractive
+        self.broken = broken
+
+    def forward(self, z, x):
+        weight = FlipGrad.apply(self.linear.weight) if self.broken else self.linear.weight
+        return torch.tanh(self.gain * nn.functional.linear(z, weight, self.linear.bias) + x)
+'''

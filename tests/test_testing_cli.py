@@ -13,41 +13,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from problems import FLIPPED_BLOCK
 
 from implicit.testing.__main__ import main
 
-FACTORIES = '''
-import torch
+FACTORIES = (
+    """import torch
 from torch import nn
 
 from implicit import make_implicit
 
-
-class FlipGrad(torch.autograd.Function):
-    """Identity forward, negated gradient: the 'wrong sign for one parameter' mutation."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        return tensor.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-class Block(nn.Module):
-    def __init__(self, broken=False):
-        super().__init__()
-        self.linear = nn.Linear(4, 4)
-        self.gain = nn.Parameter(torch.tensor(0.8))
-        with torch.no_grad():
-            self.linear.weight.mul_(0.5)  # ‖W‖₂ < 1: contractive
-        self.broken = broken
-
-    def forward(self, z, x):
-        weight = FlipGrad.apply(self.linear.weight) if self.broken else self.linear.weight
-        return torch.tanh(self.gain * nn.functional.linear(z, weight, self.linear.bias) + x)
-
+"""
+    + FLIPPED_BLOCK
+    + """
 
 SEEDS = []
 
@@ -75,7 +53,8 @@ def two_arguments(a, b):
 
 def not_a_pair():
     return Block()
-'''
+"""
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,36 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from problems import FLIPPED_BLOCK
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-BLOCK = """
-import pytest
-import torch
-from torch import nn
-
-
-class FlipGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor):
-        return tensor.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-class Block(nn.Module):
-    def __init__(self, broken=False):
-        super().__init__()
-        self.linear = nn.Linear(4, 4)
-        with torch.no_grad():
-            self.linear.weight.mul_(0.5)
-        self.broken = broken
-
-    def forward(self, z, x):
-        weight = FlipGrad.apply(self.linear.weight) if self.broken else self.linear.weight
-        return torch.tanh(nn.functional.linear(z, weight, self.linear.bias) + x)
-"""
+BLOCK = "import pytest\nimport torch\nfrom torch import nn\n" + FLIPPED_BLOCK
 
 GOOD = """
 pytestmark = pytest.mark.implicit_gradients(references=("unrolled", "gradcheck"), solver="broyden")
