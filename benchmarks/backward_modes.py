@@ -51,7 +51,17 @@ from torch import Tensor, nn
 
 import implicit
 
-from .solver_overhead import Timing, count_vjps, fmt, gc_paused, make_tol_problem, ratio, source_state, table
+from .solver_overhead import (
+    Timing,
+    count_vjps,
+    fmt,
+    gc_paused,
+    make_tol_problem,
+    ratio,
+    replace_block,
+    source_state,
+    table,
+)
 
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
 SECTION_TITLE = "## Backward modes and training features (CPU)"
@@ -134,19 +144,8 @@ def environment_lines(prog: str, argv: list[str], extra: str) -> list[str]:
 
 
 def write_section(text: str, begin: str, end: str, path: Path = RESULTS_PATH) -> None:
-    """Replace the block between ``begin`` and ``end`` in ``path``; without the markers, append the block (under
-    :data:`SECTION_TITLE`, added when missing) at the end of the file."""
-    block = f"{begin}\n\n{text.strip()}\n\n{end}"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        new = head + block + tail
-    else:
-        if SECTION_TITLE not in old:
-            old = old.rstrip() + f"\n\n{SECTION_TITLE}\n"
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
+    """Replace this section's generated block in ``path`` (appended under :data:`SECTION_TITLE` when missing)."""
+    replace_block(text, begin, end, path, heading=SECTION_TITLE)
 
 
 def load_note() -> str:

@@ -924,16 +924,24 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(["python", "-m", "benchmarks.solver_overhead", *args.argv])
 
 
-def write_results(text: str, path: Path = RESULTS_PATH) -> None:
-    block = f"{BEGIN_MARK}\n\n{text.strip()}\n\n{END_MARK}"
+def replace_block(text: str, begin: str, end: str, path: Path = RESULTS_PATH, heading: str | None = None) -> None:
+    """Replace the block between the ``begin`` and ``end`` markers in ``path``; without the markers, append it (under
+    ``heading``, added when missing) at the end of the file."""
+    block = f"{begin}\n\n{text.strip()}\n\n{end}"
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN_MARK in old and END_MARK in old:
-        head, rest = old.split(BEGIN_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        _, tail = rest.split(end, 1)
         new = head + block + tail
     else:
+        if heading and heading not in old:
+            old = old.rstrip() + f"\n\n{heading}\n"
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)
+
+
+def write_results(text: str, path: Path = RESULTS_PATH) -> None:
+    replace_block(text, BEGIN_MARK, END_MARK, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
