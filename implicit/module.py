@@ -1,8 +1,14 @@
-"""``make_implicit``: a weight-tied block ``f(z, x) -> z`` becomes an equilibrium layer ``x -> z*``."""
+"""``make_implicit``: a weight-tied block ``f(z, x) -> z`` becomes an equilibrium layer ``x -> z*``.
+
+A layer call is short: :meth:`ImplicitMixin.forward` → :func:`solve_equilibrium` (input check, state layout, the
+forward solve, the backward mode's gradient attached at the solution) → :meth:`Solver.run` → the shared loop. Options
+are validated once, when the layer is made or configured (per-call overrides are validated per call).
+"""
 
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,22 +17,21 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils import _pytree as pytree
 
-from .backward import Phantom, Problem, Unrolled, get_backward_class
-from .correction import correction_positions
+from .block import check_block
 from .dropout import implicit_call
-from .options import ImplicitOptions, resolve_options
-from .pytree import State, StateLayout, all_finite, tree_tensors
+from .options import ImplicitOptions, check_flag, resolve_options
+from .problem import Problem, report_divergence
+from .pytree import StateLayout, all_finite, tree_map, tree_tensors
 from .regularization import jacobian_frobenius
 from .result import ImplicitInfo
+from .types import State
 
-Block = Callable[[State, Any], State]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def equilibrium(
-    f: Block,
+    f: Callable[[State, Any], State],
     x: Any,
     z0: State,
     options: ImplicitOptions | None = None,
@@ -36,7 +41,7 @@ def equilibrium(
 ) -> tuple[State, ImplicitInfo]:
     """Solve ``z* = f(z*, x)`` from ``z0`` and return ``(z*, info)`` with gradients per ``options.backward``.
 
-    The functional core of every implicit layer. ``z0`` fixes the state structure: a tensor or a nested
+    The functional form of every implicit layer. ``z0`` fixes the state structure: a tensor or a nested
     tuple/list/dict of tensors with a shared leading batch dimension; ``f`` must return the same structure, shapes
     and dtypes. ``x`` is passed to ``f`` untouched (any object; its tensors are checked for non-finite values).
     With ``correction`` set, the first element is a list of states (earliest first, the last is z*).
@@ -45,45 +50,48 @@ def equilibrium(
     """
     options = resolve_options(options, overrides)
     with implicit_call():  # one variational-dropout mask for the whole call
-        return _equilibrium(f, x, z0, options, solver_state)
+        return solve_equilibrium(f, x, z0, options, solver_state)
 
 
-def _equilibrium(
-    f: Block, x: Any, z0: State, options: ImplicitOptions, solver_state: dict[str, Any] | None
+def solve_equilibrium(
+    f: Callable[[State, Any], State],
+    x: Any,
+    z0: State,
+    options: ImplicitOptions,
+    solver_state: dict[str, Any] | None = None,
 ) -> tuple[Any, ImplicitInfo]:
+    """The core of a layer call, with validated ``options``: solve, then attach the backward mode's gradient."""
     if options.nonfinite_input != "ignore" and not all_finite(tree_tensors(x) + tree_tensors(z0)):
         message = "non-finite values (NaN or Inf) in the injection x or the initial state z0"
         if options.nonfinite_input == "raise":
             raise ValueError(message + " (set nonfinite_input='warn' or 'ignore' to allow them)")
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     layout = StateLayout(z0)
 
     def fn(z: Tensor) -> Tensor:
         return layout.flatten(f(layout.unflatten(z), x), what="the block's output")
 
-    problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout, solver_state=solver_state)
-    mode = get_backward_class(options.backward)(**options.backward_options)
-    if options.correction is None:
-        z_flat, info = mode.run(problem)
-        states = None
-    else:
-        steps = correction_positions(options.correction, options.max_iter)
-        result = mode.solve_forward(problem, record_at=steps)
-        info = ImplicitInfo(forward=result, backward_mode=mode.name)
-        # Intermediate states: each its own phantom gradient (the unrolled mode keeps its own graph).
-        sampler = (
-            mode
-            if isinstance(mode, Unrolled)
-            else Phantom(steps=options.correction_steps, tau=options.correction_tau, variant="unrolled")
-        )
-        states = [sampler.attach(problem, result, info, z=state) for state in result.trajectory[:-1]]
-        z_flat = mode.attach(problem, result, info)
+    problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout)
+    mode, steps = options.backward_mode, options.supervised_steps
+    changes: dict[str, Any] = {}
+    if mode.differentiates_iterations and torch.is_grad_enabled():
+        changes["differentiable"] = True
+    if steps is not None:
+        changes["record_at"] = steps
+    if solver_state:
+        changes["state"] = solver_state
+    start = problem.z0.detach() if problem.z0.requires_grad and "differentiable" not in changes else problem.z0
+    result = options.forward_solve.run(fn, start, **changes)
+    report_divergence(result, "forward", options.on_divergence)
+    info = ImplicitInfo(forward=result, backward_mode=mode.name)
+    if steps is None:
+        out: Any = layout.unflatten(mode.attach(problem, result, info))
+    else:  # the supervised intermediate states (each its own gradient), then z*
+        states = [options.correction_mode.attach(problem, result, info, z=s) for s in result.trajectory[:-1]]
+        out = [layout.unflatten(s) for s in (*states, mode.attach(problem, result, info))]
     if options.jac_loss_probes and _draw(options.jac_loss_prob):
-        info.jac_loss = jacobian_frobenius(
-            fn, info.forward.z, probes=options.jac_loss_probes, probe=options.jac_loss_probe
-        )
-    z = layout.unflatten(z_flat)
-    return ([*(layout.unflatten(s) for s in states), z] if states is not None else z), info
+        info.jac_loss = jacobian_frobenius(fn, result.z, probes=options.jac_loss_probes, probe=options.jac_loss_probe)
+    return out, info
 
 
 def _draw(probability: float) -> bool:
@@ -127,7 +135,9 @@ class ImplicitMixin:
     def initial_state(self, x: Any) -> State:
         """The solve's default starting point: zeros shaped like the injection ``x``. Override (on the block or the
         decorated class) when the state differs in shape from the injection."""
-        return pytree.tree_map(lambda t: torch.zeros_like(t) if isinstance(t, Tensor) else t, x)
+        if isinstance(x, Tensor):
+            return torch.zeros_like(x)
+        return tree_map(lambda t: torch.zeros_like(t) if isinstance(t, Tensor) else t, x)
 
     def configure(self, **options: Any) -> ImplicitMixin:
         """Change this layer's options (validated; per-call overrides stay possible). Returns the layer."""
@@ -150,14 +160,27 @@ class ImplicitMixin:
             z* with the state's structure, or ``(z*, info)`` with ``return_info=True``. ``self.last_info`` holds the
             info of the latest call; ``info.backward`` is filled when autograd runs this call's backward.
         """
+        options = self.implicit_options
+        return_info = overrides.pop("return_info", options.return_info)
+        check_flag("return_info", return_info)
+        if overrides:
+            options = resolve_options(options, overrides)
         if z0 is None:
             z0 = self.initial_state(x)
-        with parametrizations_cached(self):  # type: ignore[arg-type]
-            z, info = equilibrium(
-                self.block_forward, x, z0, self.implicit_options, solver_state=solver_state, **overrides
-            )
+        with parametrizations_cached(self), implicit_call():  # type: ignore[arg-type]
+            z, info = solve_equilibrium(self.block_forward, x, z0, options, solver_state)
         self.last_info = info
-        return (z, info) if (overrides.get("return_info", self.implicit_options.return_info)) else z
+        return (z, info) if return_info else z
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling (``torch.save``, ``copy.deepcopy``). A class made by ``make_implicit(Class)`` is not reachable by
+        its name (the module attribute is the original class), so its instances are rebuilt from the original class
+        and the options; decorated classes and ``make_implicit(instance)`` pickle as usual."""
+        cls = type(self)
+        origin = cls.__dict__.get("_implicit_origin")
+        if origin is None or _reachable(cls):
+            return super().__reduce_ex__(protocol)
+        return _new_instance, (origin, cls.__dict__["implicit_options"]), self.__getstate__()  # type: ignore[attr-defined]
 
 
 class ImplicitModule(ImplicitMixin, nn.Module):
@@ -168,6 +191,7 @@ class ImplicitModule(ImplicitMixin, nn.Module):
     """
 
     def __init__(self, block: nn.Module, options: ImplicitOptions | None = None, **kwargs: Any) -> None:
+        check_block(block.forward, type(block).__name__)
         super().__init__()
         self.block = block
         self.implicit_options = resolve_options(options, kwargs)
@@ -212,19 +236,45 @@ def _drop_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: st
             metadata[(prefix + key[len(inner) :]) if key.startswith(inner) else prefix[:-1]] = value
 
 
+# Classes made by make_implicit(Class, **options), per original class: equal options give the same class.
+_IMPLICIT_CLASSES: dict[type, list[tuple[ImplicitOptions, type]]] = {}
+
+
 def _implicit_class(cls: type[ModuleT], options: ImplicitOptions) -> type[ModuleT]:
     """A subclass of ``cls`` whose ``forward(x, z0=None, **overrides)`` solves for the equilibrium of
     ``cls.forward(self, z, x)``. Same parameters and ``state_dict`` keys as ``cls``."""
+    made = _IMPLICIT_CLASSES.setdefault(cls, [])
+    for known, implicit_cls in made:
+        if known == options:
+            return implicit_cls
+    check_block(cls.forward, cls.__name__, bound=False)
     namespace = {
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,
         "implicit_options": options,
         "block_forward": cls.forward,
+        "_implicit_origin": cls,
     }
     if "initial_state" in dir(cls):
         namespace["initial_state"] = cls.initial_state
-    return type(cls.__name__, (ImplicitMixin, cls), namespace)
+    implicit_cls = type(cls.__name__, (ImplicitMixin, cls), namespace)
+    made.append((options, implicit_cls))
+    return implicit_cls  # type: ignore[return-value]
+
+
+def _reachable(cls: type) -> bool:
+    """Whether pickle finds ``cls`` itself under its module and qualified name."""
+    target: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is cls
+
+
+def _new_instance(origin: type[nn.Module], options: ImplicitOptions) -> nn.Module:
+    """An empty instance of ``make_implicit(origin, **options)``'s class, for unpickling (the state comes next)."""
+    cls = _implicit_class(origin, options)
+    return cls.__new__(cls)
 
 
 @overload
@@ -236,7 +286,8 @@ def make_implicit(target: None = None, /, **options: Any) -> Callable[[Any], Any
 
 
 def make_implicit(target: Any = None, /, **options: Any) -> Any:
-    """Turn a weight-tied block ``f(z, x) -> z`` into an equilibrium layer ``x -> z*`` with ``z* = f(z*, x)``.
+    """Turn a weight-tied block ``f(z, x) -> z`` (see :class:`implicit.Block`) into an equilibrium layer ``x -> z*``
+    with ``z* = f(z*, x)``.
 
     Three forms::
 
@@ -247,8 +298,10 @@ def make_implicit(target: Any = None, /, **options: Any) -> Any:
         deq = make_implicit(block, solver="broyden")     # an existing instance, parameters shared
         deq = make_implicit(Block)                       # a class, default options
 
-    Options are listed in :class:`~implicit.options.ImplicitOptions`; unknown names raise ``TypeError``.
-    The layer's ``forward(x, z0=None, **overrides)`` returns z* (same structure as the state).
+    Options are listed in :class:`~implicit.options.ImplicitOptions`; unknown names raise ``TypeError``, a block
+    whose ``forward`` does not take ``(z, x)`` raises ``TypeError`` naming the expected signature. The layer's
+    ``forward(x, z0=None, **overrides)`` returns z* (same structure as the state). Every form pickles
+    (``torch.save(model)``) and deep-copies.
     """
     resolved = resolve_options(None, options)
     if target is None:

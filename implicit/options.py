@@ -1,22 +1,37 @@
 """The options of an implicit layer, validated and normalised in one place.
 
 Every public entry point (``make_implicit``, per-call overrides, :func:`implicit.equilibrium`) goes through
-:func:`resolve_options`, so an unknown or misspelled name, a bad value or a solver option the chosen solver does not
-take raises before anything runs. The caller's dictionaries are copied, never mutated.
+:func:`resolve_options`, so an unknown or misspelled name, a bad value, a solver option the chosen solver does not
+take or a combination the chosen components cannot run raises before anything runs. Which solver may be combined
+with which backward mode or training signal is derived from what the registered classes declare (their capability
+attributes), never from lists of names. Validation builds the configured solvers and backward mode once; layer calls
+reuse them. The caller's dictionaries are copied, never mutated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from .backward import BACKWARD_MODES, BackwardMode, Phantom
 from .correction import correction_positions
+from .registry import Configurable, Registry, check_choice, did_you_mean
 from .regularization import PROBES
-from .solvers import STOP_MODES, get_solver_class
+from .solvers import (
+    SOLVERS,
+    STOP_MODES,
+    Loop,
+    Solve,
+    SolverRule,
+    all_rules,
+    backward_rule,
+    capability_rule,
+    forward_rule,
+)
 
 NONFINITE_POLICIES = ("raise", "warn", "ignore")
 DIVERGENCE_POLICIES = ("warn", "raise", "ignore")
@@ -47,16 +62,13 @@ class FrozenMapping(Mapping[str, Any]):
         return hash(tuple(sorted(self._data.items(), key=lambda item: item[0])))
 
 
-def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return FrozenMapping(mapping)
-
-
 @dataclass(frozen=True)
 class ImplicitOptions:
     """Options of an implicit layer (all keyword-only at the call sites).
 
     Forward solve:
-        solver: ``"fixed_point"``, ``"anderson"``, ``"broyden"``, ``"adjoint_broyden"`` or ``"ode"``.
+        solver: ``"fixed_point"``, ``"anderson"``, ``"broyden"``, ``"adjoint_broyden"`` or ``"ode"`` (any forward
+            solver registered in :data:`implicit.SOLVERS`).
         solver_options: the solver's own options (fixed_point: ``tau``; anderson: ``m``, ``beta``, ``lam``;
             broyden: ``memory``; adjoint_broyden: ``memory``, ``opa_every``; ode: ``method``, ``rtol``, ``atol``,
             ``t_max``, ``step_size``).
@@ -66,18 +78,19 @@ class ImplicitOptions:
         check_every: iterations between residual checks (and host reads).
     Backward:
         backward: ``"implicit"`` (exact implicit-function-theorem gradient), ``"phantom"`` (damped phantom gradient,
-            unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward Broyden inverse
-            reused; needs ``solver="broyden"`` or ``"adjoint_broyden"``) or ``"unrolled"`` (autograd through the
-            iterations; reference).
+            unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward quasi-Newton inverse
+            reused; needs a solver that provides one: ``"broyden"``, ``"adjoint_broyden"``) or ``"unrolled"``
+            (autograd through the iterations; reference; needs a solver with differentiable steps).
         backward_options: the mode's own options (phantom: ``steps``, ``tau``, ``variant``; shine: ``fallback``,
             ``fallback_ratio``, ``refine``, ``refine_estimate``).
         backward_solver, backward_solver_options, backward_tol, backward_max_iter, backward_stop_mode: the linear
             solve ``u = v + u J`` (``"implicit"``, SHINE's refinement and exact fallback); ``backward_solver`` may
-            also be ``"gmres"`` (option ``restart``).
+            also be ``"gmres"`` (option ``restart``), not a solver that differentiates its map (adjoint Broyden).
     Training signals:
         correction: sparse fixed-point correction: the number of supervised states, or the solver steps to
             supervise; the layer then returns a list of states (the last is the returned state with the chosen
-            backward mode, the others each carry a ``correction_steps``-step phantom gradient).
+            backward mode, the others each carry a ``correction_steps``-step phantom gradient). Needs a solver that
+            records its trajectory (not ``"ode"``).
         correction_steps, correction_tau: the phantom gradient of the intermediate states.
         jac_loss_probes: Hutchinson probes of the Jacobian regulariser ``‖∂f/∂z‖_F²/N`` at z* (0: off); the
             estimate is ``info.jac_loss``.
@@ -88,6 +101,10 @@ class ImplicitOptions:
         on_divergence: a forward or backward solve with diverged samples: ``"warn"``, ``"raise"`` or ``"ignore"``
             (diverged samples are always reported in the info).
         return_info: forward returns ``(z, info)`` instead of ``z``.
+
+    Built once by validation and reused by every call: :attr:`forward_solve`, :attr:`backward_solve` (configured
+    solvers with their :class:`~implicit.solvers.Loop`), :attr:`backward_mode`, :attr:`supervised_steps` and
+    :attr:`correction_mode`.
     """
 
     solver: str = "anderson"
@@ -114,9 +131,9 @@ class ImplicitOptions:
     return_info: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "solver_options", _frozen(self.solver_options))
-        object.__setattr__(self, "backward_solver_options", _frozen(self.backward_solver_options))
-        object.__setattr__(self, "backward_options", _frozen(self.backward_options))
+        object.__setattr__(self, "solver_options", FrozenMapping(self.solver_options))
+        object.__setattr__(self, "backward_solver_options", FrozenMapping(self.backward_solver_options))
+        object.__setattr__(self, "backward_options", FrozenMapping(self.backward_options))
         correction = self.correction
         if correction is not None and not (isinstance(correction, int) and not isinstance(correction, bool)):
             if not isinstance(correction, Iterable) or isinstance(correction, (str, bytes)):
@@ -126,54 +143,85 @@ class ImplicitOptions:
             object.__setattr__(self, "correction", tuple(correction))
         _validate(self)
 
+    # ------------------------------------------------------------------ built once, by validation
+    @cached_property
+    def backward_mode(self) -> BackwardMode:
+        """The configured backward mode."""
+        return _build(BACKWARD_MODES, self.backward, self.backward_options, option="backward")
+
+    @cached_property
+    def forward_solve(self) -> Solve:
+        """The configured forward solver and its loop."""
+        mode = self.backward_mode
+        rules: list[SolverRule] = [forward_rule, capability_rule(mode.requires, f"backward={self.backward!r}")]
+        if self.correction is not None:
+            rules.append(capability_rule(("records_trajectory",), "correction"))
+        solver = _build(SOLVERS, self.solver, self.solver_options, option="solver", rule=all_rules(*rules))
+        return Solve(solver, Loop(self.tol, self.max_iter, self.stop_mode, self.check_every))
+
+    @cached_property
+    def backward_solve(self) -> Solve:
+        """The configured solver of the backward system ``u = v + u J`` and its loop."""
+        solver = _build(
+            SOLVERS, self.backward_solver, self.backward_solver_options, option="backward_solver", rule=backward_rule
+        )
+        return Solve(solver, Loop(self.backward_tol, self.backward_max_iter, self.backward_stop_mode, self.check_every))
+
+    @cached_property
+    def supervised_steps(self) -> tuple[int, ...] | None:
+        """The solver steps whose states sparse fixed-point correction supervises (``None`` without correction)."""
+        return None if self.correction is None else tuple(correction_positions(self.correction, self.max_iter))
+
+    @cached_property
+    def correction_mode(self) -> BackwardMode:
+        """The gradient of the intermediate supervised states: a ``correction_steps``-step phantom gradient, or the
+        backward mode itself when it differentiates the iterations."""
+        if self.backward_mode.differentiates_iterations:
+            return self.backward_mode
+        return Phantom(steps=self.correction_steps, tau=self.correction_tau, variant="unrolled")
+
+    # ------------------------------------------------------------------ derived views
     def replace(self, **changes: Any) -> ImplicitOptions:
         """A copy with ``changes`` applied and validated (unknown names raise ``TypeError``)."""
         return resolve_options(self, changes)
 
     def solver_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the forward solve for :func:`implicit.solvers.solve`."""
-        return {
-            "solver": self.solver,
-            "solver_options": dict(self.solver_options),
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "stop_mode": self.stop_mode,
-            "check_every": self.check_every,
-        }
+        return _solve_kwargs(self.solver, self.solver_options, self.forward_solve.loop)
 
     def backward_solver_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the backward linear solve for :func:`implicit.solvers.solve`."""
-        return {
-            "solver": self.backward_solver,
-            "solver_options": dict(self.backward_solver_options),
-            "tol": self.backward_tol,
-            "max_iter": self.backward_max_iter,
-            "stop_mode": self.backward_stop_mode,
-            "check_every": self.check_every,
-        }
+        return _solve_kwargs(self.backward_solver, self.backward_solver_options, self.backward_solve.loop)
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ImplicitOptions))
+_LOOP_OPTIONS = ("tol", "max_iter", "stop_mode", "check_every")
+
+
+def _solve_kwargs(solver: str, options: Mapping[str, Any], loop: Loop) -> dict[str, Any]:
+    return {"solver": solver, "solver_options": dict(options), **{k: getattr(loop, k) for k in _LOOP_OPTIONS}}
 
 
 def resolve_options(base: ImplicitOptions | None, changes: Mapping[str, Any]) -> ImplicitOptions:
-    """``base`` (or the defaults) updated with ``changes``; raises ``TypeError`` for unknown names, naming the closest
-    valid one and listing all."""
+    """``base`` (or the defaults) updated with ``changes``; ``base`` itself when there are none. Raises ``TypeError``
+    for unknown names, naming the closest valid one and listing all."""
+    if not changes and base is not None:
+        return base
     unknown = [name for name in changes if name not in OPTION_NAMES]
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise TypeError(f"unknown option(s) {', '.join(hints)}; valid options: {', '.join(OPTION_NAMES)}")
+        hints = ", ".join(f"{name!r}{did_you_mean(name, OPTION_NAMES)}" for name in unknown)
+        raise TypeError(f"unknown option(s) {hints}; valid options: {', '.join(OPTION_NAMES)}")
     if base is None:
         return ImplicitOptions(**changes)
     return dataclasses.replace(base, **changes)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"option {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+def _build(registry: Registry[Any], name: str, options: Mapping[str, Any], *, option: str, rule: Any = None) -> Any:
+    """The component ``name`` of ``registry``, valid in the place ``rule`` describes, configured with ``options``."""
+    role = {"solver": "forward solver", "backward_solver": "backward solver"}.get(option)
+    cls: type[Configurable] = registry.lookup(name, option=option, role=role, rule=rule)
+    cls.check_options(options, context=f"{option}_options" if option != "backward" else "backward_options")
+    return cls(**options)  # value checks live in the component's constructor
 
 
 def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
@@ -183,40 +231,31 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
         raise ValueError(f"option {name} must be {what} ≥ {minimum}, got {value!r}")
 
 
-def _validate(o: ImplicitOptions) -> None:
-    from .backward import get_backward_class  # late import: backward modes use the options type
+def check_flag(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless the option ``name`` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"option {name} must be a bool, got {value!r}")
 
+
+def _validate(o: ImplicitOptions) -> None:
     for prefix in ("", "backward_"):
-        solver = getattr(o, f"{prefix}solver")
-        cls = get_solver_class(solver)
-        if cls.linear_only and not prefix:
-            raise ValueError(f"solver {solver!r} solves linear systems only; use it as backward_solver")
-        if cls.forward_only and prefix:
-            raise ValueError(f"solver {solver!r} differentiates f itself and cannot solve the backward system")
-        cls.check_options(dict(getattr(o, f"{prefix}solver_options")), context=f"{prefix}solver_options")
-        cls(**getattr(o, f"{prefix}solver_options"))  # value checks live in the solver's constructor
         _check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)
         _check_number(f"{prefix}max_iter", getattr(o, f"{prefix}max_iter"), minimum=1, integer=True)
-        _check_choice(f"{prefix}stop_mode", getattr(o, f"{prefix}stop_mode"), STOP_MODES)
+        check_choice(f"option {prefix}stop_mode", getattr(o, f"{prefix}stop_mode"), STOP_MODES)
     _check_number("check_every", o.check_every, minimum=1, integer=True)
-    mode = get_backward_class(o.backward)
-    mode.check_options(dict(o.backward_options), context="backward_options")
-    mode(**o.backward_options)
-    if o.backward == "shine" and o.solver not in ("broyden", "adjoint_broyden"):
-        raise ValueError(
-            f"backward='shine' reuses the forward Broyden factors: needs solver='broyden' or 'adjoint_broyden', "
-            f"not {o.solver!r}"
-        )
-    if o.correction is not None:
-        correction_positions(o.correction, o.max_iter)
     _check_number("correction_steps", o.correction_steps, minimum=1, integer=True)
-    if not 0 < o.correction_tau <= 1:
+    if not (isinstance(o.correction_tau, (int, float)) and 0 < o.correction_tau <= 1):
         raise ValueError(f"option correction_tau must be in (0, 1], got {o.correction_tau!r}")
     _check_number("jac_loss_probes", o.jac_loss_probes, minimum=0, integer=True)
-    if not 0 <= o.jac_loss_prob <= 1:
+    if not (isinstance(o.jac_loss_prob, (int, float)) and 0 <= o.jac_loss_prob <= 1):
         raise ValueError(f"option jac_loss_prob must be in [0, 1], got {o.jac_loss_prob!r}")
-    _check_choice("jac_loss_probe", o.jac_loss_probe, PROBES)
-    _check_choice("nonfinite_input", o.nonfinite_input, NONFINITE_POLICIES)
-    _check_choice("on_divergence", o.on_divergence, DIVERGENCE_POLICIES)
-    if not isinstance(o.return_info, bool):
-        raise ValueError(f"option return_info must be a bool, got {o.return_info!r}")
+    check_choice("option jac_loss_probe", o.jac_loss_probe, PROBES)
+    check_choice("option nonfinite_input", o.nonfinite_input, NONFINITE_POLICIES)
+    check_choice("option on_divergence", o.on_divergence, DIVERGENCE_POLICIES)
+    check_flag("return_info", o.return_info)
+    # Build the components once: lookups, option names and values, and the solver × mode × correction rules.
+    for built in ("backward_mode", "forward_solve", "backward_solve", "supervised_steps", "correction_mode"):
+        getattr(o, built)
+
+
+__all__ = ["OPTION_NAMES", "FrozenMapping", "ImplicitOptions", "check_flag", "resolve_options"]

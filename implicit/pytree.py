@@ -9,23 +9,34 @@ that the block returns a state of the same structure, shapes and dtypes.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-State = Any  # a tensor or a nested tuple/list/dict of tensors
+from .types import State
+
+# The pytree functions the package uses, imported from PyTorch's (private) module in this one place.
+tree_map = pytree.tree_map
+tree_leaves = pytree.tree_leaves
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_flatten_with_path = pytree.tree_flatten_with_path
+keystr = pytree.keystr
+TreeSpec = pytree.TreeSpec
 
 
-def _leaf_names(tree: State) -> list[str]:
+def leaf_names(tree: State) -> list[str]:
+    """The path of every leaf of ``tree`` as written in messages (``[0]``, ``['h']``; ``<state>`` for a tensor)."""
     paths, _ = pytree.tree_flatten_with_path(tree)
     return [pytree.keystr(path) or "<state>" for path, _ in paths]
 
 
 def working_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     """The dtype solvers compute in: the widest leaf dtype, at least float32 (half-precision states are solved in
-    float32, see algorithms.md §1.0)."""
+    float32: a bf16 residual cannot resolve the tolerances a solve needs)."""
     dtype = torch.float32
     for d in dtypes:
         dtype = torch.promote_types(dtype, d)
@@ -41,34 +52,43 @@ class StateLayout:
     """
 
     def __init__(self, state: State) -> None:
-        leaves, self.spec = pytree.tree_flatten(state)
-        self.names = _leaf_names(state)
-        if not leaves:
-            raise ValueError("the state has no tensors: expected a tensor or a tuple/list/dict of tensors")
-        for name, leaf in zip(self.names, leaves):
+        if isinstance(state, Tensor):  # the common case, without the pytree machinery
+            leaves: list[Any] = [state]
+            self.spec = _TENSOR_SPEC
+        else:
+            leaves, self.spec = pytree.tree_flatten(state)
+            if not leaves:
+                raise ValueError("the state has no tensors: expected a tensor or a tuple/list/dict of tensors")
+        for i, leaf in enumerate(leaves):
             if not isinstance(leaf, Tensor):
-                raise TypeError(f"state leaf {name} is a {type(leaf).__name__}, expected a torch.Tensor")
+                raise TypeError(f"state leaf {self.names[i]} is a {type(leaf).__name__}, expected a torch.Tensor")
             if leaf.dim() == 0:
-                raise ValueError(f"state leaf {name} is a scalar; every leaf needs a leading batch dimension")
+                raise ValueError(f"state leaf {self.names[i]} is a scalar; every leaf needs a leading batch dimension")
             if not leaf.is_floating_point():
-                raise TypeError(f"state leaf {name} has dtype {leaf.dtype}; states must be floating point")
-        self.batch = leaves[0].shape[0]
-        for name, leaf in zip(self.names, leaves):
+                raise TypeError(f"state leaf {self.names[i]} has dtype {leaf.dtype}; states must be floating point")
+        first = leaves[0]
+        self.batch = first.shape[0]
+        for i, leaf in enumerate(leaves):
             if leaf.shape[0] != self.batch:
                 raise ValueError(
-                    f"state leaf {name} has batch size {leaf.shape[0]} but {self.names[0]} has {self.batch}; "
+                    f"state leaf {self.names[i]} has batch size {leaf.shape[0]} but {self.names[0]} has {self.batch}; "
                     "all leaves share the leading batch dimension"
                 )
-            if leaf.device != leaves[0].device:
-                raise ValueError(f"state leaf {name} is on {leaf.device}, {self.names[0]} on {leaves[0].device}")
+            if leaf.device != first.device:
+                raise ValueError(f"state leaf {self.names[i]} is on {leaf.device}, {self.names[0]} on {first.device}")
         self.shapes = [tuple(leaf.shape) for leaf in leaves]  # torch.Size compares equal to tuples
         self.dtypes = [leaf.dtype for leaf in leaves]
         self.sizes = [math.prod(shape[1:]) for shape in self.shapes]
         self.numel = sum(self.sizes)
         self.dtype = working_dtype(self.dtypes)
-        self.device = leaves[0].device
+        self.device = first.device
         self.single = self.spec.is_leaf()
         self.flat_shape = torch.Size((self.batch, self.numel))
+
+    @cached_property
+    def names(self) -> list[str]:
+        """The leaves' paths, for messages (computed from the structure when first needed)."""
+        return leaf_names(pytree.tree_unflatten([object() for _ in range(self.spec.num_leaves)], self.spec))
 
     # ------------------------------------------------------------------ conversions
     def flatten(self, tree: State, *, what: str = "state") -> Tensor:
@@ -113,6 +133,9 @@ class StateLayout:
             )
         if leaf.dtype != self.dtypes[i] and not (leaf.is_floating_point() and _autocast_active(leaf.device)):
             raise ValueError(f"{what}: leaf {name} has dtype {leaf.dtype} but the state leaf has {self.dtypes[i]}")
+
+
+_TENSOR_SPEC = pytree.tree_flatten(torch.empty(0))[1]
 
 
 def _autocast_active(device: torch.device) -> bool:

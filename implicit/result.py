@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .lowrank import LowRankInverse
+
 
 @dataclass
 class SolverResult:
@@ -25,7 +27,8 @@ class SolverResult:
         trace: ``(C, B)`` residual (stopping mode) of the iterate measured at each check.
         trace_nfe: f-evaluation count at each check (length C).
         stop_mode, tol: the stopping rule used.
-        state: solver internals handed on (e.g. Broyden's low-rank inverse-Jacobian factors).
+        inverse_jacobian: the solver's estimate of ``(J − I)⁻¹`` at ``z`` (Broyden and adjoint Broyden), which
+            ``backward="shine"`` reuses; ``None`` for solvers that keep none.
         trajectory: ``(B, N)`` best iterates so far at the steps requested with ``record_at`` (in increasing order).
     """
 
@@ -40,7 +43,7 @@ class SolverResult:
     trace_nfe: list[int]
     stop_mode: str
     tol: float
-    state: dict[str, Any] = field(default_factory=dict)
+    inverse_jacobian: LowRankInverse | None = None
     trajectory: list[Tensor] = field(default_factory=list)
 
     @property

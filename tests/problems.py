@@ -298,10 +298,10 @@ def phantom_adjoint(jac: Tensor, v: Tensor, steps: int, tau: float) -> Tensor:
     return tau * total
 
 
-def shine_adjoint(v: Tensor, state: dict) -> Tensor:
+def shine_adjoint(v: Tensor, estimate: implicit.LowRankInverse) -> Tensor:
     """``u_SHINE = −v H = v − (v Uᵀ) V`` from a Broyden result's factors ``H = −I + Σ u_i v_iᵀ`` (einsum, written
     independently of the engine)."""
-    return v - torch.einsum("br,brn->bn", torch.einsum("bn,brn->br", v, state["U"]), state["V"])
+    return v - torch.einsum("br,brn->bn", torch.einsum("bn,brn->br", v, estimate.U), estimate.V)
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -33,8 +33,8 @@ def _shine_adjoint(p, v: torch.Tensor, solver: str, solver_options: dict, state=
         check_every=1,
         backward="shine",
     )
-    factors = info.forward.state
-    u = v - torch.bmm(torch.bmm(v[:, None], factors["U"].transpose(1, 2)), factors["V"])[:, 0]
+    factors = info.forward.inverse_jacobian
+    u = v - torch.bmm(torch.bmm(v[:, None], factors.U.transpose(1, 2)), factors.V)[:, 0]
     return z.detach(), u, info
 
 

@@ -90,10 +90,10 @@ def exact_grads(p: Problem, z: Tensor, c: Tensor) -> list[Tensor]:
     return grads_from_adjoint(p, z, exact_adjoint(per_sample_jacobian(p.fn, z), c))
 
 
-def shine_fallback_mask(c: Tensor, state: dict, ratio: float = 1.8) -> Tensor:
+def shine_fallback_mask(c: Tensor, estimate: implicit.LowRankInverse, ratio: float = 1.8) -> Tensor:
     """The reference fallback rule: flag the samples with ``‖u_SHINE‖ > ratio ‖v‖``."""
     norm = torch.linalg.vector_norm
-    return norm(shine_adjoint(c, state), dim=1) > ratio * norm(c, dim=1)
+    return norm(shine_adjoint(c, estimate), dim=1) > ratio * norm(c, dim=1)
 
 
 # ------------------------------------------------------------------------------------------- phantom: oracles 5-7
@@ -246,7 +246,7 @@ def test_shine_without_stored_pairs_returns_the_cotangent_bitwise():
     p = tanh_problem(0.9, "gauss", batch=4, n=16)
     empty = torch.zeros(4, 0, 16, dtype=DTYPE)
     result = implicit.solve(p.fn, p.z0(), max_iter=1)
-    result.state = {"U": empty, "V": empty}
+    result.inverse_jacobian = implicit.LowRankInverse(empty, empty)
     info = ImplicitInfo(forward=result, backward_mode="shine")
     tracked = Tracked(z=result.z, out=p.fn(result.z), problem=None, result=result, info=info)
     v = cotangent(p)
@@ -263,7 +263,7 @@ def test_shine_with_no_stored_pairs_is_one_step(how):
     options = {"solver": "broyden", "max_iter": 1} if how == "budget of one step" else {"solver": "broyden"}
     z0 = p.reference() if how == "start at the fixed point" else None
     u, _, info = read_adjoint(p, c, z0=z0, backward="shine", **options)
-    assert info.forward.state["U"].shape[1] == 0
+    assert info.forward.inverse_jacobian.rank == 0
     assert torch.equal(u, c)
     if z0 is None:
         shine, _, _ = solution_grads(p, c, backward="shine", **options)
@@ -281,7 +281,7 @@ def test_good_broyden_shine_is_a_descent_direction(kind, xs):
     forward = {"solver": "broyden", "solver_options": {"memory": 300}, "tol": 1e-10, "max_iter": 300}
     u, z, info = read_adjoint(p, c, **forward, backward="shine", backward_options={"fallback": "none"})
     assert info.forward.converged.all()
-    assert rel_err(u, shine_adjoint(c, info.forward.state)) < 1e-13
+    assert rel_err(u, shine_adjoint(c, info.forward.inverse_jacobian)) < 1e-13
     similarity = cosine(u, exact_adjoint(per_sample_jacobian(p.fn, z), c))
     assert (similarity > 0).all() and (similarity < 1 - 1e-6).any(), similarity
 
@@ -300,8 +300,8 @@ def test_shine_jfb_fallback_replaces_exactly_the_samples_beyond_the_ratio(ratio)
     p, c = flagged_shine_problem()
     shine = {} if ratio is None else {"fallback_ratio": ratio}
     u, _, info = read_adjoint(p, c, **SHINE_FLAGGING, backward="shine", backward_options=shine)
-    u_shine = shine_adjoint(c, info.forward.state)
-    mask = shine_fallback_mask(c, info.forward.state, 1.8 if ratio is None else ratio)
+    u_shine = shine_adjoint(c, info.forward.inverse_jacobian)
+    mask = shine_fallback_mask(c, info.forward.inverse_jacobian, 1.8 if ratio is None else ratio)
     assert mask.any() and not mask.all(), mask
     assert torch.equal(info.extras["shine_fallback"], mask)
     assert torch.equal(u[mask], c[mask])
@@ -318,7 +318,7 @@ def test_shine_exact_fallback_solves_the_flagged_samples_only():
     exact, z, info = read_adjoint(p, c, **SHINE_FLAGGING, **backward, backward_options={"fallback": "exact"})
     jfb, _, _ = read_adjoint(p, c, **SHINE_FLAGGING, **backward)
     mask = info.extras["shine_fallback"]
-    assert torch.equal(mask, shine_fallback_mask(c, info.forward.state))
+    assert torch.equal(mask, shine_fallback_mask(c, info.forward.inverse_jacobian))
     assert mask.any() and not mask.all()
     assert torch.equal(exact[~mask], jfb[~mask])
     u_star = exact_adjoint(per_sample_jacobian(p.fn, z), c)
@@ -376,10 +376,10 @@ def test_approximate_modes_follow_their_closed_form(mode):
     jac = per_sample_jacobian(p.fn, z)
     similarity = cosine(u, exact_adjoint(jac, c))
     assert ((similarity >= -1) & (similarity <= 1)).all() and (similarity < 1 - 1e-6).any(), similarity
-    assert rel_err(u, documented_adjoint(options, jac, c, info.forward.state)) < 1e-12
+    assert rel_err(u, documented_adjoint(options, jac, c, info.forward.inverse_jacobian)) < 1e-12
 
 
-def documented_adjoint(options: dict, jac: Tensor, c: Tensor, state: dict) -> Tensor:
+def documented_adjoint(options: dict, jac: Tensor, c: Tensor, estimate: implicit.LowRankInverse) -> Tensor:
     """The adjoint an approximate mode documents: one-step ``v``; phantom ``τ v Σ_{i<k} Bⁱ``; SHINE ``v − (vUᵀ)V``
     with the 1.8 fallback to v."""
     backward, mode = options["backward"], options.get("backward_options", {})
@@ -388,9 +388,9 @@ def documented_adjoint(options: dict, jac: Tensor, c: Tensor, state: dict) -> Te
     if backward == "phantom":
         return phantom_adjoint(jac, c, mode.get("steps", 5), mode.get("tau", 0.5))
     assert backward == "shine" and mode.get("fallback", "jfb") in ("jfb", "none")
-    u = shine_adjoint(c, state)
+    u = shine_adjoint(c, estimate)
     if mode.get("fallback", "jfb") == "jfb":
-        u = torch.where(shine_fallback_mask(c, state)[:, None], c, u)
+        u = torch.where(shine_fallback_mask(c, estimate)[:, None], c, u)
     return u
 
 
@@ -568,7 +568,7 @@ def test_gradient_of_every_mode_on_pytree_states(mode, steps, tau, structure, ba
         want, _, _ = grad_x(solver="fixed_point", tol=0.0, max_iter=400, backward="unrolled")
         assert rel_err(got, want) <= 1e-8
     else:
-        u = documented_adjoint(options, per_sample_jacobian(p.fn, z), c, info.forward.state)
+        u = documented_adjoint(options, per_sample_jacobian(p.fn, z), c, info.forward.inverse_jacobian)
         assert rel_err(got, grads_from_adjoint(p, z, u)[0]) <= 1e-10
 
 

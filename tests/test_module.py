@@ -199,7 +199,7 @@ def test_configure_validates_and_returns_the_layer():
     assert layer.implicit_options.solver == "broyden" and dict(layer.implicit_options.solver_options) == {"memory": 4}
     assert layer.implicit_options.tol == OPTIONS["tol"]  # untouched options stay
     layer(x_for())
-    assert layer.last_info.forward.state["U"].shape[1] <= 4
+    assert layer.last_info.forward.inverse_jacobian.rank <= 4
     before = layer.implicit_options
     with pytest.raises(TypeError):
         layer.configure(tolerance=1e-3)

@@ -183,8 +183,8 @@ def test_broyden_memory_does_not_grow_with_max_iter():
         result = iterate(solver, p.fn, p.z0(), tol=0.0, max_iter=max_iter)
         assert result.nfe == max_iter + 1
         shapes[max_iter] = (solver.U.shape, solver.V.shape)
-        assert result.state["U"].shape[1] <= 7
-        assert result.state["U"].shape == result.state["V"].shape
+        assert result.inverse_jacobian.rank <= 7
+        assert result.inverse_jacobian.U.shape == result.inverse_jacobian.V.shape
     assert shapes[30] == shapes[300] == ((4, 7, 32), (4, 7, 32))
 
 

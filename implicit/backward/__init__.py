@@ -1,30 +1,33 @@
-"""Backward modes (gradient estimators), looked up by the ``backward=`` option; their own options go in
-``backward_options``.
+"""Backward modes (gradient estimators), looked up by the ``backward=`` option in :data:`BACKWARD_MODES`; their own
+options go in ``backward_options``.
 
-Adding a mode: subclass :class:`~implicit.backward.base.BackwardMode` (options as keyword-only ``__init__``
-arguments, an ``adjoint`` rule and, if needed, a ``track`` method) and add it to :data:`BACKWARD_MODES`.
+Adding a mode: one module with a :class:`~implicit.backward.base.BackwardMode` subclass (options as keyword-only
+``__init__`` arguments, an ``adjoint`` rule, if needed a ``track`` method, and the attributes that say what it is)
+and its registration in :data:`BACKWARD_MODES`; see CONTRIBUTING.md.
 """
 
 from __future__ import annotations
 
-from ..configurable import lookup
-from .base import BackwardMode, DivergenceError, Problem, Tracked
+from ..problem import DivergenceError, Problem
+from ..registry import Registry
+from .base import AttachGradient, BackwardMode, Tracked
 from .implicit import Implicit
 from .one_step import OneStep
 from .phantom import Phantom
 from .shine import Shine
 from .unrolled import Unrolled
 
-BACKWARD_MODES: dict[str, type[BackwardMode]] = {cls.name: cls for cls in (Implicit, Phantom, OneStep, Shine, Unrolled)}
+BACKWARD_MODES: Registry[BackwardMode] = Registry("backward mode", (Implicit, Phantom, OneStep, Shine, Unrolled))
 
 
 def get_backward_class(name: str) -> type[BackwardMode]:
-    """The backward mode registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    return lookup(BACKWARD_MODES, name, "backward mode")
+    """The backward mode registered under ``name``; ``ValueError`` naming the closest valid name otherwise."""
+    return BACKWARD_MODES.lookup(name)
 
 
 __all__ = [
     "BACKWARD_MODES",
+    "AttachGradient",
     "BackwardMode",
     "DivergenceError",
     "Implicit",

@@ -1,4 +1,4 @@
-"""What a backward mode receives, and the machinery every gradient estimator shares.
+"""The interface of a backward mode (gradient estimator) and the autograd node every mode shares.
 
 Every mode except ``"unrolled"`` works the same way: the forward solve runs without a graph; then the mode records a
 small tracked computation at the solution (``f(z*)`` for most modes, ``k`` damped steps for the unrolled phantom
@@ -9,8 +9,6 @@ backward mode changes the gradient, never the forward value.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,54 +16,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..configurable import Configurable
-from ..options import ImplicitOptions
-from ..pytree import StateLayout
+from ..graph import depends_on_more_than
+from ..problem import Problem
+from ..registry import Configurable
 from ..result import ImplicitInfo, SolverResult
-from ..solvers import FlatMap, solve
-
-
-class DivergenceError(RuntimeError):
-    """A solve stopped samples on a non-finite or exploding residual and the policy is ``on_divergence="raise"``."""
-
-
-@dataclass
-class Problem:
-    """One equilibrium problem in flat form.
-
-    Attributes:
-        fn: the flat map ``(B, N) -> (B, N)``, the block applied to the unflattened state with the injection bound.
-            Calling it under grad mode records a graph to everything the block uses (parameters, injection, closures).
-        z0: ``(B, N)`` initial point (may require grad).
-        options: the validated options of this call.
-        layout: the state's layout (structure, leaf shapes and dtypes).
-        solver_state: warm-start state for the forward solver (e.g. adjoint Broyden's ``opa_direction``).
-    """
-
-    fn: FlatMap
-    z0: Tensor
-    options: ImplicitOptions
-    layout: StateLayout
-    solver_state: dict[str, Any] | None = None
-
-    def solve_forward(self, *, differentiable: bool = False, record_at: Sequence[int] = ()) -> SolverResult:
-        z0 = self.z0 if differentiable else self.z0.detach()
-        kwargs = self.options.solver_kwargs()
-        result = solve(
-            self.fn, z0, differentiable=differentiable, record_at=record_at, state=self.solver_state, **kwargs
-        )
-        report_divergence(result, "forward", self.options.on_divergence)
-        return result
-
-
-def report_divergence(result: SolverResult, which: str, policy: str) -> None:
-    """Apply the ``on_divergence`` policy to a finished solve (one host read)."""
-    if policy == "ignore" or not bool(result.diverged.any()):
-        return
-    message = f"{which} solve: {result.status}; diverged samples keep their last finite best iterate"
-    if policy == "raise":
-        raise DivergenceError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 @dataclass
@@ -85,28 +39,6 @@ class Tracked:
         """``u J`` with ``J = ∂f/∂z`` at z* (``(B, N)`` rows), through the tracked call's graph."""
         (u_jac,) = torch.autograd.grad(self.out, self.z, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if u_jac is None else u_jac
-
-
-def graph_leaves(output: Tensor) -> Iterator[Tensor]:
-    """The leaf tensors requiring grad that ``output``'s autograd graph reaches, lazily, each once."""
-    stack = [output.grad_fn] if output.grad_fn is not None else []
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            yield variable
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
-
-
-def depends_on_more_than(output: Tensor, leaf: Tensor) -> bool:
-    """Whether ``output``'s graph reaches a tensor requiring grad other than ``leaf`` (parameters, injection,
-    closures); stops at the first one."""
-    return any(variable is not leaf for variable in graph_leaves(output))
 
 
 class AttachGradient(torch.autograd.Function):
@@ -132,23 +64,31 @@ class AttachGradient(torch.autograd.Function):
 
 class BackwardMode(Configurable):
     """A gradient estimator for the equilibrium. Options are keyword-only constructor arguments (passed as
-    ``backward_options``). Subclasses implement :meth:`adjoint` and, when they track something other than one call
-    ``f(z*)``, :meth:`track`; ``"unrolled"`` overrides :meth:`run`.
+    ``backward_options``, values checked there). Subclasses implement :meth:`adjoint` and, when they track something
+    other than one call ``f(z*)``, :meth:`track`, and declare what they are with the attributes below; option
+    validation, the gradient checker, the hypothesis strategies and the generic tests read them.
     """
 
     kind: ClassVar[str] = "backward mode"
-    #: whether :meth:`adjoint` uses vector-Jacobian products at z* (then the tracked z requires grad)
-    needs_vjp: ClassVar[bool] = True
+    #: the gradient is exact up to the solves' tolerances (else it approximates ``(I − J)⁻¹`` by design).
+    exact: ClassVar[bool] = False
+    #: capabilities the forward solver must have (attribute names of :class:`~implicit.solvers.Solver`).
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: the gradient flows through the forward solver's iterations (the solve records a graph); intermediate states of
+    #: sparse fixed-point correction then carry their gradient as they are.
+    differentiates_iterations: ClassVar[bool] = False
+    #: one sentence: what the mode replaces ``(I − J)⁻¹`` by (approximate modes).
+    approximates: ClassVar[str] = ""
 
-    def run(self, problem: Problem) -> tuple[Tensor, ImplicitInfo]:
-        """Solve, then attach this mode's gradient at the solution. Returns the flat (or single-leaf shaped) state."""
-        result = self.solve_forward(problem)
-        info = ImplicitInfo(forward=result, backward_mode=self.name)
-        return self.attach(problem, result, info), info
+    #: whether :meth:`adjoint` uses vector-Jacobian products at z* (then the tracked z requires grad).
+    needs_vjp: bool = True
+    #: whether the mode solves the linear system ``u = v + u J`` with ``backward_solver`` and its settings.
+    uses_backward_solver: bool = False
 
-    def solve_forward(self, problem: Problem, record_at: Sequence[int] = ()) -> SolverResult:
-        """The forward solve this mode needs (graph-free unless the mode differentiates the iterations)."""
-        return problem.solve_forward(record_at=record_at)
+    @property
+    def approximation(self) -> str | None:
+        """Why this configuration's gradient is approximate (``None`` when it is exact)."""
+        return None if self.exact else self.approximates
 
     def attach(self, problem: Problem, result: SolverResult, info: ImplicitInfo, z: Tensor | None = None) -> Tensor:
         """The state ``z`` (default ``result.z``, ``(B, N)``) carrying this mode's gradient when autograd needs one."""

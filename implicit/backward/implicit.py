@@ -1,4 +1,5 @@
-"""Exact gradients by implicit differentiation (algorithms.md §2.1)."""
+"""Exact gradients by implicit differentiation (Bai, Kolter and Koltun, "Deep Equilibrium Models", NeurIPS 2019,
+eq. 8): ``∂ℓ/∂θ = v (I − J)⁻¹ ∂f/∂θ`` at the equilibrium, with ``v = ∂ℓ/∂z*`` and ``J = ∂f/∂z``."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ from typing import Any
 
 from torch import Tensor
 
-from ..solvers import get_solver_class, solve
-from .base import BackwardMode, Tracked, report_divergence
+from ..problem import report_divergence
+from ..solvers import Solve
+from .base import BackwardMode, Tracked
 
 
-def solve_adjoint(tracked: Tracked, v: Tensor, u0: Tensor, **overrides: Any) -> Tensor:
-    """Solve ``u = v + u J`` at z* from ``u0`` with the call's backward solver settings (``overrides`` replace
-    entries of :meth:`ImplicitOptions.backward_solver_kwargs`). Records the solve in ``info.backward``."""
+def solve_adjoint(tracked: Tracked, v: Tensor, u0: Tensor, *, solve: Solve | None = None, **changes: Any) -> Tensor:
+    """Solve ``u = v + u J`` at z* from ``u0`` with the call's backward solve (``solve``: another
+    :class:`~implicit.solvers.Solve` to use instead; ``changes``: loop settings for this solve only). Records the solve
+    in ``info.backward``."""
     options = tracked.problem.options
-    kwargs = {**options.backward_solver_kwargs(), **overrides}
-    if get_solver_class(kwargs["solver"]).linear_only:
-        kwargs["state"] = {"offset": v}  # the affine map's value at 0, known for free
+    backward = options.backward_solve if solve is None else solve
+    if backward.solver.linear_only:
+        changes["state"] = {"offset": v}  # the affine map's value at 0, known for free
 
     def v_plus_u_jacobian(u: Tensor) -> Tensor:
         return v + tracked.vjp(u)
 
-    result = solve(v_plus_u_jacobian, u0, **kwargs)
+    result = backward.run(v_plus_u_jacobian, u0, **changes)
     tracked.info.backward = result
     tracked.info.backward_vjps += result.nfe
     report_divergence(result, "backward", options.on_divergence)
@@ -36,6 +39,8 @@ class Implicit(BackwardMode):
     """
 
     name = "implicit"
+    exact = True
+    uses_backward_solver = True
 
     def __init__(self) -> None:
         pass

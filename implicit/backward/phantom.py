@@ -1,14 +1,17 @@
-"""Phantom gradients (Geng et al., NeurIPS 2021; algorithms.md §2.3)."""
+"""Phantom gradients (Geng et al., "On Training Implicit Models", NeurIPS 2021, eqs. 5–7)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..problem import Problem
+from ..registry import check_choice
 from ..result import ImplicitInfo, SolverResult
-from .base import BackwardMode, Problem, Tracked
+from .base import BackwardMode, Tracked
 
 VARIANTS = ("unrolled", "neumann")
 
@@ -31,14 +34,14 @@ class Phantom(BackwardMode):
     """
 
     name = "phantom"
+    approximates = "phantom gradients replace (I − J)⁻¹ by τ Σ_{i<k} Bⁱ, B = (1 − τ) I + τ J"
 
     def __init__(self, *, steps: int = 5, tau: float = 0.5, variant: str = "unrolled") -> None:
         if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
             raise ValueError(f"phantom: steps must be an integer ≥ 1, got {steps!r}")
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and 0 < tau <= 1):
             raise ValueError(f"phantom: tau must be in (0, 1], got {tau!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"phantom: variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("phantom: variant", variant, VARIANTS)
         self.steps, self.tau, self.variant = steps, float(tau), variant
         self.needs_vjp = variant == "neumann"
 
@@ -60,3 +63,7 @@ class Phantom(BackwardMode):
             total = total + term
         tracked.info.backward_vjps += self.steps - 1
         return self.tau * total
+
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"steps": st.integers(1, 10), "tau": st.floats(0.2, 1.0), "variant": st.sampled_from(VARIANTS)}

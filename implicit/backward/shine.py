@@ -1,13 +1,17 @@
-"""SHINE: the forward Broyden estimate of the inverse Jacobian reused in the backward pass (Ramzi et al., ICLR 2022;
-algorithms.md §2.5)."""
+"""SHINE: the forward quasi-Newton estimate of the inverse Jacobian reused in the backward pass (Ramzi et al.,
+"SHINE: SHaring the INverse Estimate from the forward pass for bi-level optimization and implicit models",
+ICLR 2022)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..registry import check_choice
+from ..solvers import Broyden, Solve
 from .base import BackwardMode, Tracked
 from .implicit import solve_adjoint
 
@@ -15,19 +19,12 @@ FALLBACKS = ("jfb", "exact", "none")
 ESTIMATES = ("transpose", "forward", "identity")
 
 
-def _apply_inverse_estimate(v: Tensor, u_factors: Tensor, v_factors: Tensor) -> Tensor:
-    """``−v H`` for ``H = −I + Σ u_i v_iᵀ`` (rows): ``v − (v Uᵀ) V``."""
-    if u_factors.shape[1] == 0:
-        return v
-    return v - torch.bmm(torch.bmm(v[:, None], u_factors.transpose(1, 2)), v_factors)[:, 0]
-
-
 class Shine(BackwardMode):
-    """``u_SHINE = −v H`` with ``H ≈ (J − I)⁻¹`` the forward Broyden solver's low-rank estimate (no VJP, O(rN)).
+    """``u_SHINE = −v H`` with ``H ≈ (J − I)⁻¹`` the forward solver's low-rank estimate (no VJP, O(rN)).
 
-    Needs ``solver="broyden"`` or ``"adjoint_broyden"`` (whose factors the result carries). With good Broyden the
-    estimate is accurate only along the directions the solve explored; adjoint Broyden with OPA updates along
-    ``∂ℓ/∂z`` makes it accurate where the backward needs it. SHINE's published remedies are also offered:
+    Needs a forward solver that provides an inverse-Jacobian estimate (``solver="broyden"`` or ``"adjoint_broyden"``).
+    With good Broyden the estimate is accurate only along the directions the solve explored; adjoint Broyden with OPA
+    updates along ``∂ℓ/∂z`` makes it accurate where the backward needs it. SHINE's published remedies are also offered:
 
     Args:
         fallback: per sample, when ``‖u‖ > fallback_ratio ‖v‖`` (a bound that an f with Lipschitz constant L below
@@ -43,6 +40,8 @@ class Shine(BackwardMode):
     """
 
     name = "shine"
+    requires = ("provides_inverse_jacobian",)
+    approximates = "SHINE replaces (I − J)⁻¹ by the forward quasi-Newton estimate −H"
 
     def __init__(
         self,
@@ -52,48 +51,52 @@ class Shine(BackwardMode):
         refine: int = 0,
         refine_estimate: str = "transpose",
     ) -> None:
-        if fallback not in FALLBACKS:
-            raise ValueError(f"shine: fallback must be one of {FALLBACKS}, got {fallback!r}")
+        check_choice("shine: fallback", fallback, FALLBACKS)
         if not (isinstance(fallback_ratio, (int, float)) and math.isfinite(fallback_ratio) and fallback_ratio > 1):
             raise ValueError(f"shine: fallback_ratio must be a finite number > 1, got {fallback_ratio!r}")
         if not (isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0):
             raise ValueError(f"shine: refine must be an integer ≥ 0, got {refine!r}")
-        if refine_estimate not in ESTIMATES:
-            raise ValueError(f"shine: refine_estimate must be one of {ESTIMATES}, got {refine_estimate!r}")
+        check_choice("shine: refine_estimate", refine_estimate, ESTIMATES)
         self.fallback, self.ratio = fallback, float(fallback_ratio)
         self.refine, self.refine_estimate = refine, refine_estimate
         self.needs_vjp = refine > 0 or fallback == "exact"
+        self.uses_backward_solver = fallback == "exact"
+
+    @property
+    def approximation(self) -> str | None:
+        if self.refine or self.fallback == "exact":
+            return "SHINE's refinement or exact fallback is exact only where it converged"
+        return self.approximates
 
     def adjoint(self, v: Tensor, tracked: Tracked) -> Tensor:
-        state = tracked.result.state
-        if "U" not in state:
-            raise RuntimeError("backward='shine' needs the forward factors: use solver='broyden' or 'adjoint_broyden'")
-        u_factors, v_factors = state["U"], state["V"]
-        u = _apply_inverse_estimate(v, u_factors, v_factors)
+        estimate = tracked.result.inverse_jacobian
+        if estimate is None:
+            raise RuntimeError(
+                "backward='shine' needs the forward solver's inverse-Jacobian estimate: use solver='broyden' or "
+                "'adjoint_broyden'"
+            )
+        u = estimate.rmatvec(v, negate=True)  # −v H
         info = tracked.info
         if self.fallback != "none":
             v_norm = torch.linalg.vector_norm(v, dim=1)
             flagged = ~(torch.linalg.vector_norm(u, dim=1) <= self.ratio * v_norm)  # True for NaN/Inf
             info.extras["shine_fallback"] = flagged
-            if self.fallback == "jfb":
-                u = torch.where(flagged[:, None], v, u)
-            else:
-                u = torch.where(flagged[:, None], v, u)
+            u = torch.where(flagged[:, None], v, u)
+            if self.fallback == "exact":
                 u = solve_adjoint(tracked, v, u, initial_active=flagged)
         if self.refine:
-            estimate = {
-                "transpose": {"U": v_factors, "V": u_factors},
-                "forward": {"U": u_factors, "V": v_factors},
-                "identity": None,
-            }[self.refine_estimate]
-            memory = u_factors.shape[1] + self.refine + 1
-            u = solve_adjoint(
-                tracked,
-                v,
-                u,
-                solver="broyden",
-                solver_options={"memory": memory},
-                max_iter=self.refine,
-                state=estimate,
-            )
+            initial = {"transpose": estimate.transpose(), "forward": estimate, "identity": None}[self.refine_estimate]
+            backward = tracked.problem.options.backward_solve
+            refinement = Solve(Broyden(memory=estimate.rank + self.refine + 1), backward.loop)
+            state = None if initial is None else {"inverse_jacobian": initial}
+            u = solve_adjoint(tracked, v, u, solve=refinement, max_iter=self.refine, state=state)
         return u
+
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {
+            "fallback": st.sampled_from(FALLBACKS),
+            "fallback_ratio": st.floats(1.2, 4.0),
+            "refine": st.integers(0, 4),
+            "refine_estimate": st.sampled_from(ESTIMATES),
+        }

@@ -1,7 +1,8 @@
-"""Fixed-point solvers, looked up by name.
+"""Fixed-point solvers, looked up by name in :data:`SOLVERS`.
 
-Adding a solver: subclass :class:`~implicit.solvers.base.Solver` (options as keyword-only ``__init__`` arguments,
-``start`` and ``step``) and add it to :data:`SOLVERS`.
+Adding a solver: one module with a :class:`~implicit.solvers.base.Solver` subclass (options as keyword-only
+``__init__`` arguments, ``start`` and ``step``, the capability attributes it differs in) and its registration in
+:data:`SOLVERS`; see CONTRIBUTING.md.
 """
 
 from __future__ import annotations
@@ -11,24 +12,35 @@ from typing import Any
 
 from torch import Tensor
 
-from ..configurable import lookup
+from ..registry import Registry
 from ..result import SolverResult
+from ..types import FlatMap
 from .adjoint_broyden import AdjointBroyden
 from .anderson import Anderson
-from .base import STOP_MODES, FlatMap, Solver, iterate
+from .base import (
+    CAPABILITIES,
+    STOP_MODES,
+    Loop,
+    Solve,
+    Solver,
+    SolverRule,
+    all_rules,
+    backward_rule,
+    capability_rule,
+    forward_rule,
+    iterate,
+)
 from .broyden import Broyden
 from .fixed_point import FixedPoint
 from .gmres import GMRES
 from .ode import ODE
 
-SOLVERS: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (FixedPoint, Anderson, Broyden, AdjointBroyden, ODE, GMRES)
-}
+SOLVERS: Registry[Solver] = Registry("solver", (FixedPoint, Anderson, Broyden, AdjointBroyden, ODE, GMRES))
 
 
 def get_solver_class(name: str) -> type[Solver]:
-    """The solver class registered under ``name``; ``ValueError`` listing the valid names otherwise."""
-    return lookup(SOLVERS, name, "solver")
+    """The solver class registered under ``name``; ``ValueError`` naming the closest valid name otherwise."""
+    return SOLVERS.lookup(name)
 
 
 def solve(
@@ -46,14 +58,12 @@ def solve(
     initial_active: Tensor | None = None,
     state: dict[str, Any] | None = None,
 ) -> SolverResult:
-    """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; see :func:`iterate` for the
-    loop contract and the arguments. ``solver_options`` are the chosen solver's own options."""
-    cls = get_solver_class(solver)
+    """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; the keyword arguments after
+    ``solver_options`` (the chosen solver's own options) are the :class:`Loop` settings."""
+    cls = SOLVERS.lookup(solver, option="solver")
     options = dict(solver_options or {})
     cls.check_options(options, context="solver_options")
-    return cls(**options).run(
-        fn,
-        z0,
+    loop = Loop(
         tol=tol,
         max_iter=max_iter,
         stop_mode=stop_mode,
@@ -63,9 +73,12 @@ def solve(
         initial_active=initial_active,
         state=state,
     )
+    cls.check_loop(loop)
+    return cls(**options).run(fn, z0, loop)
 
 
 __all__ = [
+    "CAPABILITIES",
     "GMRES",
     "ODE",
     "SOLVERS",
@@ -74,7 +87,14 @@ __all__ = [
     "Anderson",
     "Broyden",
     "FixedPoint",
+    "Loop",
+    "Solve",
     "Solver",
+    "SolverRule",
+    "all_rules",
+    "backward_rule",
+    "capability_rule",
+    "forward_rule",
     "get_solver_class",
     "iterate",
     "solve",

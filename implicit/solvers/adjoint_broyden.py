@@ -1,5 +1,7 @@
-"""Adjoint Broyden (SHINE's forward solver; algorithms.md §1.4): an inverse-Jacobian estimate that is accurate
-for the products ``v H`` a backward pass needs."""
+"""Adjoint Broyden: an inverse-Jacobian estimate that is accurate for the products ``v H`` a backward pass needs
+(Schlenkrich, Griewank and Walther, "On the local convergence of adjoint Broyden methods", Math. Prog. 2010; with the
+outer-problem-awareness updates of Ramzi et al., "SHINE: SHaring the INverse Estimate from the forward pass for
+bi-level optimization and implicit models", ICLR 2022)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..lowrank import LowRankInverse
 from ..result import SolverResult
-from .base import FlatMap, Solver, iterate
+from ..types import FlatMap
+from .base import Loop, Solver, iterate
 
 
 class AdjointBroyden(Solver):
@@ -28,11 +32,14 @@ class AdjointBroyden(Solver):
             cosine with the exact adjoint fell from 1.0000 to 0.94 / 0.79 on benchmarks/RESULTS.md's sym / orth).
         opa_every: steps between OPA updates (0: none).
 
-    The factors are exported as ``result.state["U"], ["V"]`` for ``backward="shine"``. Not differentiable.
+    The estimate is exported as ``result.inverse_jacobian`` for ``backward="shine"``. Not differentiable, and not a
+    backward solver (it needs the autograd graph of the map it solves).
     """
 
     name = "adjoint_broyden"
     forward_only = True
+    differentiable_steps = False
+    provides_inverse_jacobian = True
 
     def __init__(self, *, memory: int = 30, opa_every: int = 0) -> None:
         if not (isinstance(memory, int) and memory >= 1):
@@ -40,6 +47,10 @@ class AdjointBroyden(Solver):
         if not (isinstance(opa_every, int) and opa_every >= 0):
             raise ValueError(f"adjoint_broyden: opa_every must be an integer ≥ 0, got {opa_every!r}")
         self.memory, self.opa_every = memory, opa_every
+
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"memory": st.integers(2, 30)}
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         if differentiable:
@@ -56,42 +67,35 @@ class AdjointBroyden(Solver):
         self.V = z0.new_empty(batch, self.memory, n)
         self.count = 0
         self.k = 0
+        self.graph: tuple[Tensor, Tensor] | None = None
 
-    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
+    def run(self, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
+        solver = self.fresh()
+
         def recorded(z: Tensor) -> Tensor:
             with torch.enable_grad():
                 leaf = z.detach().requires_grad_()
                 out = fn(leaf)
-            self.graph = (leaf, out)
+            solver.graph = (leaf, out)
             return out.detach()
 
-        result = iterate(self, recorded, z0, **loop)
-        self.graph = None
-        return result
+        return iterate(solver, recorded, z0, loop)
 
-    def _h(self, x: Tensor) -> Tensor:
-        """``H x`` (column action, rows ``(B, N)``) ``= −x + (x Vᵀ) U``."""
-        r = self.count
-        if not r:
-            return -x
-        return torch.baddbmm(-x[:, None], torch.bmm(x[:, None], self.V[:, :r].transpose(1, 2)), self.U[:, :r])[:, 0]
-
-    def _h_t(self, x: Tensor) -> Tensor:
-        """``Hᵀ x`` ``= −x + (x Uᵀ) V``."""
-        r = self.count
-        if not r:
-            return -x
-        return torch.baddbmm(-x[:, None], torch.bmm(x[:, None], self.U[:, :r].transpose(1, 2)), self.V[:, :r])[:, 0]
+    def inverse_jacobian(self) -> LowRankInverse:
+        return LowRankInverse(self.U[:, : self.count], self.V[:, : self.count])
 
     def _update(self, sigma: Tensor) -> None:
         """Add the pair enforcing ``σᵀ J_g H₊ = σᵀ`` at the current point (one VJP)."""
+        if self.graph is None:
+            raise RuntimeError("adjoint_broyden steps need the map's graph: run the solver through run()")
         leaf, out = self.graph
         (vjp,) = torch.autograd.grad(out, leaf, sigma, retain_graph=True, allow_unused=True)
         sigma_jg = (torch.zeros_like(sigma) if vjp is None else vjp) - sigma
         if self.count == self.memory:
             self.count = 0
-        a = self._h(sigma)
-        b = self._h_t(sigma_jg)  # (σᵀ J_g) H as a row
+        estimate = self.inverse_jacobian()
+        a = estimate.matvec(sigma)
+        b = estimate.rmatvec(sigma_jg)  # (σᵀ J_g) H as a row
         inv = torch.nan_to_num(torch.linalg.vecdot(b, sigma).reciprocal_(), nan=0.0, posinf=0.0, neginf=0.0)
         self.U[:, self.count] = a
         self.V[:, self.count] = (sigma - b) * inv[:, None]
@@ -103,10 +107,7 @@ class AdjointBroyden(Solver):
         if self.k > 1:  # the first step is plain iteration (H = −I), like good Broyden
             self._update(g)
             if self.opa_every and self.k % self.opa_every == 0:
-                sigma = self._h_t(self.direction)
+                sigma = self.inverse_jacobian().rmatvec(self.direction)
                 scale = torch.linalg.vector_norm(g, dim=1) / torch.linalg.vector_norm(sigma, dim=1)
                 self._update(sigma * torch.nan_to_num(scale, nan=0.0, posinf=0.0)[:, None])
-        return z - self._h(g)
-
-    def export_state(self) -> dict[str, Any]:
-        return {"U": self.U[:, : self.count], "V": self.V[:, : self.count]}
+        return z + self.inverse_jacobian().matvec(g, negate=True)

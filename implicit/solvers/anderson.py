@@ -1,4 +1,5 @@
-"""Anderson acceleration with a scale-free regulariser (algorithms.md §1.2)."""
+"""Anderson acceleration (Anderson, "Iterative procedures for nonlinear integral equations", J. ACM 1965; Walker and
+Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011) with a scale-free regulariser."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ class Anderson(Solver):
             raise ValueError(f"anderson: lam must be a finite number > 0, got {lam!r}")
         self.m, self.beta, self.lam = m, float(beta), float(lam)
 
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"m": st.integers(1, 6), "beta": st.floats(0.5, 1.0), "lam": st.sampled_from((1e-4, 1e-6, 1e-8))}
+
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         super().start(z0, differentiable, state)
         batch, n = z0.shape
@@ -46,24 +51,26 @@ class Anderson(Solver):
         # and their Gram matrix G Gᵀ, updated by one row per step.
         self.Y = z0.new_empty(batch, self.m, n)
         self.G = z0.new_empty(batch, self.m, n)
-        self.gram = z0.new_zeros(batch, self.m, self.m)
-        self.eye = torch.eye(self.m, dtype=z0.dtype, device=z0.device)
-        self.ones = [z0.new_ones(batch, k, 1) for k in range(self.m + 1)]
+        self.gram = z0.new_empty(batch, self.m, self.m)
         # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
         self.floor = torch.finfo(z0.dtype).tiny ** 0.5
         self.k = 0
-        self.views: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+        self.views: dict[tuple[int, int], _Views] = {}
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         slot = self.k % self.m
         n = min(self.k + 1, self.m)
         self.k += 1
+        if n == 1:  # one iterate: α = 1, the plain (β-damped) step; only the window's first entry is stored
+            return self._first_step(z, fz)
         if self.differentiable:  # fresh buffers (autograd saved the old ones) and a Gram matrix built out of place
             self.Y, self.G = self.Y.clone(), self.G.clone()
             self.G[:, slot] = fz - z
             self.Y[:, slot] = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
-            window, values, eye = self.G[:, :n], self.Y[:, :n], self.eye[:n, :n]
+            window, values = self.G[:, :n], self.Y[:, :n]
             gram = torch.bmm(window, window.transpose(1, 2))
+            eye = torch.eye(n, dtype=z.dtype, device=z.device)
+            ones = z.new_ones(z.shape[0], n, 1)
         else:
             views = self.views.get((slot, n))
             if views is None:
@@ -76,13 +83,25 @@ class Anderson(Solver):
             row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
             views.gram_row.copy_(row)
             views.gram_col.copy_(row)
-            gram, values, eye = views.gram, views.values, views.eye
+            gram, values, eye, ones = views.gram, views.values, views.eye, views.ones
         # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
         total = gram.diagonal(dim1=1, dim2=2).sum(dim=1).add_(self.floor)  # n · s (a sum is cheaper than a mean)
         system = torch.addcmul(gram, total[:, None, None], eye, value=self.lam / n)
-        w = torch.linalg.solve_ex(system, self.ones[n]).result
+        w = torch.linalg.solve_ex(system, ones).result
         alpha = w / w.sum(dim=1, keepdim=True)
         return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
+
+    def _first_step(self, z: Tensor, fz: Tensor) -> Tensor:
+        """Store the first window entry (slot 0) and return its value: with one iterate α = 1."""
+        g = fz - z
+        value = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+        if self.differentiable:  # autograd saved the old buffers; the Gram matrix is rebuilt from G per step
+            self.Y, self.G = self.Y.clone(), self.G.clone()
+        else:
+            self.gram[:, 0, 0] = torch.linalg.vecdot(g, g)
+        self.G[:, 0] = g
+        self.Y[:, 0] = value
+        return value
 
     def _views(self, slot: int, n: int) -> _Views:
         """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)
@@ -96,7 +115,8 @@ class Anderson(Solver):
             gram=self.gram[:, :n, :n],
             gram_row=self.gram[:, slot, :n],
             gram_col=self.gram[:, :n, slot],
-            eye=self.eye[:n, :n],
+            eye=torch.eye(n, dtype=self.G.dtype, device=self.G.device),
+            ones=self.G.new_ones(self.G.shape[0], n, 1),
         )
 
 
@@ -110,3 +130,4 @@ class _Views(NamedTuple):
     gram_row: Tensor
     gram_col: Tensor
     eye: Tensor
+    ones: Tensor

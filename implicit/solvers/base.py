@@ -1,57 +1,91 @@
-"""The solver interface and the shared driver loop.
+"""The solver interface, what each solver can do, and the shared driver loop.
 
 Every solver finds ``z = fn(z)`` for a batched flat map ``fn: (B, N) -> (B, N)`` that does not mix samples. A solver
 only proposes the next point (:meth:`Solver.step`); :func:`iterate` owns the loop and everything that is the same for
 all solvers: f-evaluation counting, per-sample stopping, best-iterate tracking, divergence guards and the trace.
 
-Loop contract (algorithms.md §1.0):
+Loop contract:
 
 * iteration ``k = 0 … max_iter`` evaluates ``fn`` at the current point ``z_k``; ``z_k`` is measured (residual,
   best iterate, stopping) when ``k`` is a multiple of ``check_every`` and at ``k = max_iter``; then the solver
   proposes ``z_{k+1}``. So ``max_iter`` solver steps cost at most ``max_iter + 1`` f-evaluations, the last one
   measuring the final point: the reported residual is always that of the returned point.
 * a sample stops (is frozen) at the first check where its best residual is ≤ tol, or its residual is non-finite or
-  exceeds ``explode`` times its first measured absolute residual. Its returned point then never changes.
-  Every sample still goes through ``fn`` (shapes never change); what it computes is ignored.
+  exceeds ``explode`` times its first measured absolute residual (the "protective break" of Bai et al., "Deep
+  Equilibrium Models", NeurIPS 2019). Its returned point then never changes. Every sample still goes through ``fn``
+  (shapes never change); what it computes is ignored.
 * the host reads a device value only at checks (``active.any()``), i.e. once per ``check_every`` iterations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..configurable import Configurable
+from ..lowrank import LowRankInverse
+from ..registry import Configurable
 from ..result import SolverResult
-
-FlatMap = Callable[[Tensor], Tensor]
+from ..types import FlatMap
 
 STOP_MODES = ("abs", "rel")
 
+#: What a solver may be able to do, by the name of its class attribute, and how error messages describe it.
+CAPABILITIES = {
+    "differentiable_steps": "steps that autograd can differentiate",
+    "records_trajectory": "a record of its best iterates at chosen steps",
+    "provides_inverse_jacobian": "a low-rank inverse-Jacobian estimate of the solution",
+}
+
+SolverT = TypeVar("SolverT", bound="Solver")
+
 
 class Solver(Configurable):
-    """Base class of the fixed-point solvers. Subclasses declare their options as keyword-only ``__init__`` arguments
-    with defaults, and implement :meth:`start` and :meth:`step` (the shared loop :func:`iterate` does the rest), or
-    override :meth:`run` when their iteration does not fit a one-evaluation step (GMRES, ODE integration).
+    """Base class of the fixed-point solvers.
 
-    A solver object holds the buffers of one solve.
+    Subclasses declare their options as keyword-only ``__init__`` arguments with defaults (values checked there), and
+    implement :meth:`start` and :meth:`step` (the shared loop :func:`iterate` does the rest), or override :meth:`run`
+    when their iteration does not fit a one-evaluation step (GMRES, ODE integration). They declare what they can do
+    with the class attributes below; option validation, the hypothesis strategies and the generic tests read them.
+
+    A solver instance is a configuration, built once per options object; :meth:`run` works on a private copy
+    (:meth:`fresh`) that holds the buffers of one solve, so concurrent and nested solves never share state.
     """
 
     kind: ClassVar[str] = "solver"
-    #: True for solvers that only solve affine maps ``z ↦ b + zA`` (usable for the backward linear system only).
+    #: solves affine maps ``z ↦ b + z A`` only (the backward system); it takes ``state={"offset": b}``.
     linear_only: ClassVar[bool] = False
-    #: True for solvers that differentiate f themselves (not usable for the backward system, whose map is a VJP).
+    #: differentiates the map it solves (needs its autograd graph), so it cannot solve the backward system.
     forward_only: ClassVar[bool] = False
+    #: autograd can differentiate its steps: usable with ``backward="unrolled"``.
+    differentiable_steps: ClassVar[bool] = True
+    #: honours ``Loop.record_at`` (the best iterate at chosen steps): usable with ``correction=``.
+    records_trajectory: ClassVar[bool] = True
+    #: exports ``result.inverse_jacobian``: usable with ``backward="shine"``.
+    provides_inverse_jacobian: ClassVar[bool] = False
+
+    differentiable: bool = False
+
+    @classmethod
+    def general(cls) -> bool:
+        """Usable in every role: forward and backward solves, unrolled gradients and correction."""
+        return not cls.linear_only and not cls.forward_only and cls.differentiable_steps and cls.records_trajectory
+
+    def fresh(self: SolverT) -> SolverT:
+        """A copy of this configuration that a solve may fill with its buffers."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         """Allocate per-solve state for ``z0`` of shape ``(B, N)``. With ``differentiable`` the steps must be
         differentiable by autograd (no in-place writes into tensors autograd saved). ``state`` warm-starts solver
-        internals (e.g. Broyden factors); solvers without such internals reject it."""
+        internals (e.g. Broyden's inverse-Jacobian estimate); solvers without such internals reject it."""
         self.differentiable = differentiable
         if state:
             raise ValueError(f"solver {self.name!r} takes no warm-start state, got {sorted(state)}")
@@ -60,13 +94,113 @@ class Solver(Configurable):
         """Given the current point ``z`` and ``fz = fn(z)`` (both ``(B, N)``), return the next point."""
         raise NotImplementedError
 
-    def export_state(self) -> dict[str, Any]:
-        """Solver internals worth handing on (e.g. to a backward mode). Default: nothing."""
-        return {}
+    def inverse_jacobian(self) -> LowRankInverse | None:
+        """The solve's estimate of ``(J − I)⁻¹`` at its last point, for solvers that keep one (else ``None``)."""
+        return None
 
-    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
-        """Solve ``z = fn(z)`` from ``z0``; keyword arguments as for :func:`iterate`."""
-        return iterate(self, fn, z0, **loop)
+    def run(self, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
+        """Solve ``z = fn(z)`` from ``z0`` (``(B, N)``) as ``loop`` says."""
+        return iterate(self.fresh(), fn, z0, loop)
+
+    @classmethod
+    def check_loop(cls, loop: Loop) -> None:
+        """Reject loop features this solver does not support (``ValueError`` naming the option that needs them)."""
+        if loop.differentiable and not cls.differentiable_steps:
+            raise ValueError(f"solver {cls.name!r} is not differentiable: use a backward mode other than 'unrolled'")
+        if loop.record_at and not cls.records_trajectory:
+            raise ValueError(
+                f"solver {cls.name!r} does not record trajectories (correction needs one of the discrete solvers)"
+            )
+
+
+#: A rule of where a solver class may be used: ``None`` when it may, else the reason it may not.
+SolverRule = Callable[[type[Solver]], "str | None"]
+
+
+def forward_rule(cls: type[Solver]) -> str | None:
+    """Forward solvers solve nonlinear maps."""
+    return "it solves linear systems only; use it as backward_solver" if cls.linear_only else None
+
+
+def backward_rule(cls: type[Solver]) -> str | None:
+    """Backward solvers only evaluate the map ``u ↦ v + u J`` (a vector-Jacobian product, no graph of its own)."""
+    if cls.forward_only:
+        return "it differentiates the map it solves and cannot solve the backward system u = v + u J"
+    return None
+
+
+def capability_rule(capabilities: Sequence[str], purpose: str) -> SolverRule:
+    """A rule admitting solvers that have every one of ``capabilities`` (names of :data:`CAPABILITIES`); its reason
+    names the valid solvers through the ``{valid}`` placeholder of :meth:`Registry.lookup`."""
+
+    def rule(cls: type[Solver]) -> str | None:
+        missing = [CAPABILITIES[c] for c in capabilities if not getattr(cls, c)]
+        if not missing:
+            return None
+        return f"{purpose} needs {{valid}}, a solver with {' and '.join(missing)}, which {cls.name!r} does not have"
+
+    return rule
+
+
+def all_rules(*rules: SolverRule) -> SolverRule:
+    """The first reason any of ``rules`` gives."""
+
+    def rule(cls: type[Solver]) -> str | None:
+        return next((reason for r in rules if (reason := r(cls)) is not None), None)
+
+    return rule
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How a solve runs: the settings of :meth:`Solver.run`, :func:`iterate` and :func:`implicit.solve`.
+
+    Attributes:
+        tol: stop a sample when its residual (``stop_mode``) is ≤ tol; 0 runs the whole budget (a sample is then
+            reported converged only if its residual is exactly 0).
+        max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
+        stop_mode: ``"abs"`` (‖f(z) − z‖/√N) or ``"rel"`` (‖f(z) − z‖/‖f(z)‖).
+        check_every: iterations between residual measurements and host reads.
+        differentiable: keep the iterations differentiable (the ``"unrolled"`` backward mode).
+        explode: a sample whose absolute residual exceeds ``explode`` × its first one is stopped as diverged.
+        record_at: solver steps t (0 ≤ t ≤ max_iter) at which to record the best iterate so far (a check is made
+            there); steps after the solve stopped record the final best. Returned in ``result.trajectory``.
+        initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
+        state: warm-start state for the solver's internals (see :meth:`Solver.start`).
+    """
+
+    tol: float
+    max_iter: int
+    stop_mode: str = "rel"
+    check_every: int = 4
+    differentiable: bool = False
+    explode: float = 1e6
+    record_at: Sequence[int] = ()
+    initial_active: Tensor | None = None
+    state: dict[str, Any] | None = None
+
+    def replace(self, **changes: Any) -> Loop:
+        """A copy with ``changes`` (``self`` when there are none)."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def monitor(self, z0: Tensor) -> Monitor:
+        """The per-sample bookkeeping of a solve from ``z0`` under this loop's stopping rule."""
+        return Monitor(
+            z0, tol=self.tol, stop_mode=self.stop_mode, explode=self.explode, initial_active=self.initial_active
+        )
+
+
+@dataclass(frozen=True)
+class Solve:
+    """A configured solver and the loop it runs; :class:`~implicit.ImplicitOptions` builds one for the forward and
+    one for the backward solve, once."""
+
+    solver: Solver
+    loop: Loop
+
+    def run(self, fn: FlatMap, z0: Tensor, **changes: Any) -> SolverResult:
+        """Solve ``z = fn(z)`` from ``z0`` with this loop, ``changes`` applied to it for this solve only."""
+        return self.solver.run(fn, z0, self.loop.replace(**changes))
 
 
 class Monitor:
@@ -94,61 +228,61 @@ class Monitor:
         self.inv_sqrt_n = 1.0 / math.sqrt(n)
         self.eps = torch.finfo(z0.dtype).tiny ** 0.5
         self.best_z = z0
-        self.best_abs = self.best_rel = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.limit = self.best_abs  # explosion threshold, set at the first check
+        # Per sample, of the best iterate: the residual in the stopping mode, ‖f(z) − z‖ and ‖f(z)‖ + eps (both
+        # residual kinds derive from the last two at the end).
+        self.best_r = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.best_g = self.best_r
+        self.best_f = torch.ones_like(self.best_r)  # a never-measured sample reports rel = inf / 1
+        self.limit = self.best_r  # explosion threshold on ‖f(z) − z‖, set at the first check
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
         self.initial_active = initial_active
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
 
-    @property
-    def best_r(self) -> Tensor:
-        """``(B,)`` residual of the best iterate in the stopping mode."""
-        return self.best_rel if self.use_rel else self.best_abs
-
     def observe(self, z: Tensor, fz: Tensor, nfe: int) -> None:
         """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far."""
         gnorm = torch.linalg.vector_norm(fz - z, dim=1)
-        r_abs = gnorm * self.inv_sqrt_n
-        r_rel = gnorm / (torch.linalg.vector_norm(fz, dim=1) + self.eps)
-        r = r_rel if self.use_rel else r_abs
+        fnorm = torch.linalg.vector_norm(fz, dim=1).add_(self.eps)
+        r = gnorm / fnorm if self.use_rel else gnorm * self.inv_sqrt_n
         active = self.active
         first = not self.trace
         if first:  # explosion: beyond `explode` × the first residual (no limit when that was exactly 0)
-            limit = torch.where(r_abs > 0, self.explode * r_abs.detach(), torch.finfo(r_abs.dtype).max)
-            self.limit = limit
-        better = active & (r < self.best_r)  # False for NaN
-        self.best_abs = torch.where(better, r_abs, self.best_abs)
-        self.best_rel = torch.where(better, r_rel, self.best_rel)
+            self.limit = torch.where(gnorm > 0, self.explode * gnorm.detach(), torch.finfo(gnorm.dtype).max)
+        better = (r < self.best_r).logical_and_(active)  # False for NaN
+        self.best_r = torch.where(better, r, self.best_r)
+        self.best_g = torch.where(better, gnorm, self.best_g)
+        self.best_f = torch.where(better, fnorm, self.best_f)
         self.best_z = torch.where(better[:, None], z, self.best_z)
         # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and its
         # best residual is above tol. Whether it stopped by converging or by diverging is read off at the end.
-        keep = active & (r_abs <= self.limit)
+        keep = (gnorm <= self.limit).logical_and_(active)
         if self.tol > 0:
-            keep = keep & (self.best_r > self.tol)
+            keep = keep.logical_and_(self.best_r > self.tol)
         if first and self.initial_active is not None:
-            keep = keep & self.initial_active
-        self.nstep = self.nstep.add_(active, alpha=nfe - (self.trace_nfe[-1] if self.trace_nfe else 0))
+            keep = keep.logical_and_(self.initial_active)
+        self.nstep.add_(active, alpha=nfe - (self.trace_nfe[-1] if self.trace_nfe else 0))
         self.active = keep
-        self.trace.append(r.detach())
+        self.trace.append(r.detach() if r.requires_grad else r)
         self.trace_nfe.append(nfe)
 
     def any_active(self) -> bool:
         """Whether a sample still iterates (one host read)."""
         return bool(self.active.any())
 
-    def result(self, nfe: int, state: dict[str, Any] | None = None) -> SolverResult:
+    def result(self, nfe: int, inverse_jacobian: LowRankInverse | None = None) -> SolverResult:
         tol = self.tol
         converged = self.best_r <= tol if tol > 0 else self.best_r == 0
         # Stopped, not converged and not frozen from the start: a non-finite or exploding residual stopped it.
-        diverged = ~self.active & ~converged
+        diverged = ~(self.active | converged)
         if self.initial_active is not None:
             diverged = diverged & self.initial_active
+        r_abs = self.best_g * self.inv_sqrt_n
+        r_rel = self.best_g / self.best_f
         return SolverResult(
             z=self.best_z,
-            abs=self.best_abs,
-            rel=self.best_rel,
+            abs=r_abs,
+            rel=r_rel,
             nstep=self.nstep,
             nfe=nfe,
             converged=converged,
@@ -157,76 +291,35 @@ class Monitor:
             trace_nfe=self.trace_nfe,
             stop_mode=self.stop_mode,
             tol=tol,
-            state=state or {},
+            inverse_jacobian=inverse_jacobian,
         )
 
 
-@dataclass(frozen=True)
-class Loop:
-    """How a solve runs; the keyword arguments of :func:`iterate`, :meth:`Solver.run` and :func:`implicit.solve`.
+def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, **settings: Any) -> SolverResult:
+    """Run ``solver``'s steps on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates.
 
-    Attributes:
-        tol: stop a sample when its residual (``stop_mode``) is ≤ tol; 0 runs the whole budget (a sample is then
-            reported converged only if its residual is exactly 0).
-        max_iter: solver steps at most (f-evaluations ≤ max_iter + 1).
-        stop_mode: ``"abs"`` (‖f(z) − z‖/√N) or ``"rel"`` (‖f(z) − z‖/‖f(z)‖).
-        check_every: iterations between residual measurements and host reads.
-        differentiable: keep the iterations differentiable (the ``"unrolled"`` backward mode).
-        explode: a sample whose absolute residual exceeds ``explode`` × its first one is stopped as diverged.
-        record_at: solver steps t (0 ≤ t ≤ max_iter) at which to record the best iterate so far (a check is made
-            there); steps after the solve stopped record the final best. Returned in ``result.trajectory``.
-        initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
-        state: warm-start state for the solver's internals (see :meth:`Solver.start`).
+    ``loop`` holds the settings; keyword ``settings`` build one (``iterate(solver, fn, z0, tol=1e-6, max_iter=50)``)
+    or replace fields of ``loop``. ``solver`` is used as it is (not copied): it holds this solve's buffers.
     """
-
-    tol: float
-    max_iter: int
-    stop_mode: str = "rel"
-    check_every: int = 4
-    differentiable: bool = False
-    explode: float = 1e6
-    record_at: Sequence[int] = ()
-    initial_active: Tensor | None = None
-    state: dict[str, Any] | None = None
-
-    def monitor(self, z0: Tensor) -> Monitor:
-        """The per-sample bookkeeping of a solve from ``z0`` under this loop's stopping rule."""
-        return Monitor(
-            z0, tol=self.tol, stop_mode=self.stop_mode, explode=self.explode, initial_active=self.initial_active
-        )
-
-    def require(self, solver: str, *, differentiable: bool = True, record: bool = True) -> None:
-        """Reject loop features a solver does not support."""
-        if self.differentiable and not differentiable:
-            raise ValueError(f"{solver} is not differentiable: use a backward mode other than 'unrolled'")
-        if self.record_at and not record:
-            raise ValueError(f"{solver} does not record trajectories (correction needs a discrete solver)")
-
-
-def iterate(solver: Solver, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
-    """Run ``solver``'s steps on ``z = fn(z)`` from ``z0`` (``(B, N)``) and return the per-sample best iterates;
-    ``loop`` holds the :class:`Loop` settings."""
-    settings = Loop(**loop)
-    max_iter, check_every = settings.max_iter, settings.check_every
-    differentiable, record_at = settings.differentiable, settings.record_at
+    loop = Loop(**settings) if loop is None else loop.replace(**settings)
+    max_iter, check_every, differentiable = loop.max_iter, loop.check_every, loop.differentiable
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
-    record_steps = sorted(set(record_at))
+    record_steps = sorted(set(loop.record_at))
     if record_steps and not 0 <= record_steps[0] <= record_steps[-1] <= max_iter:
-        raise ValueError(f"record_at steps must lie in [0, max_iter={max_iter}], got {list(record_at)}")
-    checks = set(range(0, max_iter + 1, check_every)) | {max_iter} | set(record_steps)
-    monitor = settings.monitor(z0)
+        raise ValueError(f"record_at steps must lie in [0, max_iter={max_iter}], got {list(loop.record_at)}")
+    record_set = set(record_steps)
+    monitor = loop.monitor(z0)
     recorded: dict[int, Tensor] = {}
 
-    record_set = set(record_steps)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):  # graph-free unless differentiable
-        solver.start(z0, differentiable, settings.state)
+        solver.start(z0, differentiable, loop.state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):
             fz = fn(z)
             nfe += 1
-            if k in checks:
+            if k % check_every == 0 or k == max_iter or k in record_set:
                 monitor.observe(z, fz, nfe)
                 if k in record_set:
                     recorded[k] = monitor.best_z
@@ -234,6 +327,6 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResul
                     break
             z = solver.step(z, fz)
 
-    result = monitor.result(nfe, solver.export_state())
+    result = monitor.result(nfe, solver.inverse_jacobian())
     result.trajectory = [recorded.get(t, monitor.best_z) for t in record_steps]
     return result

@@ -1,4 +1,6 @@
-"""Limited-memory ("good") Broyden root finding on g(z) = f(z) − z (algorithms.md §1.3)."""
+"""Limited-memory ("good") Broyden root finding on g(z) = f(z) − z (Broyden, "A class of methods for solving
+nonlinear simultaneous equations", Math. Comp. 1965; the forward solver of Bai et al., "Deep Equilibrium Models",
+NeurIPS 2019)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..lowrank import LowRankInverse
 from .base import Solver
 
 
@@ -31,34 +34,44 @@ class Broyden(Solver):
         memory: stored pairs at most.
 
     Cost per step: one f-evaluation and four passes over the stored factors; memory ``2 · memory · N`` per sample.
-    The factors (``U``, ``V``, ``count``) are exported in the result's ``state`` so a backward mode can reuse them.
+    The estimate is exported as ``result.inverse_jacobian`` (a :class:`~implicit.lowrank.LowRankInverse`), which
+    ``backward="shine"`` reuses.
     """
 
     name = "broyden"
+    provides_inverse_jacobian = True
 
     def __init__(self, *, memory: int = 10) -> None:
         if not (isinstance(memory, int) and memory >= 1):
             raise ValueError(f"broyden: memory must be an integer ≥ 1, got {memory!r}")
         self.memory = memory
 
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"memory": st.integers(2, 12)}
+
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
-        """``state`` may hold initial factors ``{"U": (B, r, N), "V": (B, r, N)}`` (``H_0 = −I + Σ u_i v_iᵀ``),
-        e.g. a transposed forward estimate for a backward solve; the memory is raised to hold them plus one pair."""
+        """``state={"inverse_jacobian": H}`` starts from a :class:`~implicit.lowrank.LowRankInverse` ``H`` of rank r
+        instead of ``−I`` (e.g. a transposed forward estimate for a backward solve); the memory is raised to hold its
+        r pairs plus one."""
         super().start(z0, differentiable)
         batch, n = z0.shape
         state = dict(state or {})
-        u0, v0 = state.pop("U", None), state.pop("V", None)
-        if state or (u0 is None) != (v0 is None):
-            raise ValueError(f"broyden: warm-start state takes U and V (B, r, N) together, got {sorted(state)}")
-        count = 0 if u0 is None else u0.shape[1]
+        initial = state.pop("inverse_jacobian", None)
+        if state or not (initial is None or isinstance(initial, LowRankInverse)):
+            raise ValueError(
+                f"broyden: warm-start state takes only 'inverse_jacobian' (a LowRankInverse), got {sorted(state)}"
+            )
+        count = 0 if initial is None else initial.rank
         self.memory = max(self.memory, count + 1)
         # Only the first `count` rows are ever read: no need to zero-fill (costly for large memory × N).
         self.U = z0.new_empty(batch, self.memory, n)
         self.V = z0.new_empty(batch, self.memory, n)
-        if count:
-            self.U[:, :count] = u0
-            self.V[:, :count] = v0
+        if initial is not None and count:
+            self.U[:, :count] = initial.U
+            self.V[:, :count] = initial.V
         self.count = count
+        self.estimates: dict[int, LowRankInverse] = {}  # views of the buffers by rank, while they are not replaced
         self.prev_g: Tensor | None = None
         self.prev_step: Tensor | None = None
 
@@ -71,22 +84,27 @@ class Broyden(Solver):
         self.V[:, r : r + 1] = v
         self.count = r + 1
 
+    def _estimate(self, rank: int) -> LowRankInverse:
+        """``H`` from the first ``rank`` stored pairs."""
+        if self.differentiable:  # the buffers are replaced at every store
+            return LowRankInverse(self.U[:, :rank], self.V[:, :rank])
+        estimate = self.estimates.get(rank)
+        if estimate is None:
+            estimate = self.estimates[rank] = LowRankInverse(self.U[:, :rank], self.V[:, :rank])
+        return estimate
+
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
-        if self.prev_g is None:  # −H_0 g = g − (g Vᵀ) U; plain iteration when H_0 = −I
-            step = g
-            if self.count:
-                U, V = self.U[:, : self.count], self.V[:, : self.count]
-                step = g - torch.bmm(torch.bmm(g[:, None], V.transpose(1, 2)), U)[:, 0]
+        if self.prev_step is None:  # −H_0 g: plain iteration when H_0 = −I
+            step = self._estimate(self.count).matvec(g, negate=True)
         else:
             s = self.prev_step[:, None]  # rows (B, 1, N)
             y = (g - self.prev_g)[:, None]
             r = 0 if self.count == self.memory else self.count  # restart: H ← −I, this pair computed against −I
             if r:
-                U, V = self.U[:, :r], self.V[:, :r]
-                # H y = −y + (y Vᵀ) U and vᵀ = sᵀ H = −s + (s Uᵀ) V: one pass over a factor per product
-                h_y = torch.baddbmm(y, torch.bmm(y, V.transpose(1, 2)), U, beta=-1)
-                v = torch.baddbmm(s, torch.bmm(s, U.transpose(1, 2)), V, beta=-1)
+                estimate = self._estimate(r)
+                h_y = estimate.matvec(y)  # H y
+                v = estimate.rmatvec(s)  # vᵀ = sᵀ H
                 minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
                 direction = minus_h_g
             else:
@@ -102,5 +120,5 @@ class Broyden(Solver):
         self.prev_g, self.prev_step = g, step
         return z + step
 
-    def export_state(self) -> dict[str, Any]:
-        return {"U": self.U[:, : self.count], "V": self.V[:, : self.count]}
+    def inverse_jacobian(self) -> LowRankInverse:
+        return self._estimate(self.count)

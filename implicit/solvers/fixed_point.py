@@ -1,8 +1,9 @@
-"""Damped fixed-point iteration ``z ← (1 − τ) z + τ f(z)`` (algorithms.md §1.1)."""
+"""Damped fixed-point iteration ``z ← (1 − τ) z + τ f(z)``."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,10 @@ class FixedPoint(Solver):
         if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
             raise ValueError(f"fixed_point: tau must be a finite number > 0, got {tau!r}")
         self.tau = float(tau)
+
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"tau": st.floats(0.6, 1.0)}
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         if self.tau == 1.0:

@@ -1,4 +1,5 @@
-"""Restarted GMRES for affine fixed-point maps, batched per sample (algorithms.md §2.1)."""
+"""Restarted GMRES (Saad and Schultz, "GMRES: a generalized minimal residual algorithm for solving nonsymmetric
+linear systems", SIAM J. Sci. Stat. Comput. 1986) for affine fixed-point maps, batched per sample."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import Tensor
 
 from ..krylov import normalize, orthogonalize
 from ..result import SolverResult
-from .base import FlatMap, Loop, Solver
+from ..types import FlatMap
+from .base import Loop, Solver
 
 
 class GMRES(Solver):
@@ -32,15 +34,20 @@ class GMRES(Solver):
 
     name = "gmres"
     linear_only = True
+    differentiable_steps = False
+    records_trajectory = False
 
     def __init__(self, *, restart: int = 20) -> None:
         if not (isinstance(restart, int) and restart >= 1):
             raise ValueError(f"gmres: restart must be an integer ≥ 1, got {restart!r}")
         self.restart = restart
 
-    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
-        settings = Loop(**loop)
-        settings.require("gmres", differentiable=False, record=False)
+    @classmethod
+    def option_strategies(cls, st: Any) -> dict[str, Any]:
+        return {"restart": st.integers(5, 30)}
+
+    def run(self, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
+        settings = loop
         tol, max_iter, stop_mode = settings.tol, settings.max_iter, settings.stop_mode
         state = dict(settings.state or {})
         offset = state.pop("offset", None)

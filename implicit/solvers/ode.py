@@ -1,17 +1,18 @@
-"""Equilibrium as the steady state of an ODE, integrated with torchdiffeq (algorithms.md §1.5)."""
+"""Equilibrium as the steady state of an ODE, integrated with torchdiffeq (Chen et al., "Neural Ordinary Differential
+Equations", NeurIPS 2018), the continuous-time view of a DEQ (Pal, Edelman and Rackauckas, "Mixing Implicit and
+Explicit Deep Learning with Skip DEQs and Infinite Time Neural ODEs", arXiv:2201.12240)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from ..result import SolverResult
-from .base import FlatMap, Loop, Solver
+from ..types import FlatMap
+from .base import Loop, Solver
 
 METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "rk4")
 
@@ -28,7 +29,7 @@ class ODE(Solver):
     right-hand-side evaluation measures the residual of the point it was evaluated at; the result is every sample's
     best such point, and the integration is aborted once all samples are within tol (checked every ``check_every``
     evaluations). ``max_iter`` bounds the f-evaluations. It is the robust fallback, not the fast path: measured cost
-    is 5–20× the f-evaluations of the discrete solvers on contractive problems (algorithms.md §1.5).
+    is 5–20× the f-evaluations of the discrete solvers on contractive problems (benchmarks/RESULTS.md, section a).
 
     Args:
         method: a torchdiffeq method (adaptive ones recommended).
@@ -40,6 +41,7 @@ class ODE(Solver):
     """
 
     name = "ode"
+    records_trajectory = False
 
     def __init__(
         self,
@@ -61,16 +63,18 @@ class ODE(Solver):
             raise ValueError(f"ode: step_size must be a number > 0, got {step_size!r}")
         self.method, self.rtol, self.atol, self.t_max, self.step_size = method, rtol, atol, t_max, step_size
 
-    def run(self, fn: FlatMap, z0: Tensor, **loop: Any) -> SolverResult:
-        settings = Loop(**loop)
-        settings.require("the ode solver", record=False)
+    def run(self, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
+        from torchdiffeq import odeint  # imported by the one solver that uses it
+
+        settings = loop
         tol, max_iter, check_every, differentiable = (
             settings.tol,
             settings.max_iter,
             settings.check_every,
             settings.differentiable,
         )
-        super().start(z0, differentiable, settings.state)
+        if settings.state:
+            raise ValueError(f"solver 'ode' takes no warm-start state, got {sorted(settings.state)}")
         monitor = settings.monitor(z0)
         rtol = self.rtol if self.rtol is not None else max(tol, 1e-12) / 10
         atol = self.atol if self.atol is not None else rtol / 100

@@ -30,7 +30,7 @@ from torch import nn
 from ..backward import BACKWARD_MODES
 from ..module import ImplicitMixin
 from ..options import resolve_options
-from ..solvers import SOLVERS
+from ..solvers import SOLVERS, backward_rule, forward_rule
 from .check import REFERENCES, GradientReport, check_gradients
 
 PROG = "python -m implicit.testing"
@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="import path (or path/to/file.py) and attribute of a callable returning (layer_or_block, x) or "
         "(layer_or_block, x, z0); called with the example index if it takes one positional argument",
     )
-    parser.add_argument("--solver", choices=[n for n, c in SOLVERS.items() if not c.linear_only], help="forward solver")
+    parser.add_argument("--solver", choices=SOLVERS.names(forward_rule), help="forward solver")
     parser.add_argument("--backward", choices=list(BACKWARD_MODES), help="backward mode")
-    parser.add_argument("--backward-solver", choices=list(SOLVERS), help="solver of the backward linear system")
+    parser.add_argument(
+        "--backward-solver", choices=SOLVERS.names(backward_rule), help="solver of the backward linear system"
+    )
     parser.add_argument(
         "-o",
         "--option",

@@ -17,16 +17,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
-from ..backward.base import graph_leaves
+from .. import pytree
+from ..graph import graph_leaves
 from ..module import ImplicitMixin, make_implicit
 from ..options import ImplicitOptions
 from ..pytree import StateLayout
 from ..solvers import solve
 
 REFERENCES = ("unrolled", "finite_differences", "gradcheck")
-EXACT_MODES = ("implicit", "unrolled")
 
 
 @dataclass
@@ -93,17 +92,9 @@ def _fmt(value: float) -> str:
 
 # ------------------------------------------------------------------------------------------------------ preparation
 def _is_approximate(options: ImplicitOptions) -> tuple[bool, str]:
-    mode, extra = options.backward, dict(options.backward_options)
-    if mode in EXACT_MODES:
-        return False, ""
-    if mode == "shine" and (extra.get("refine", 0) or extra.get("fallback") == "exact"):
-        return True, "SHINE's refinement or exact fallback is exact only where it converged; compared by cosine"
-    reasons = {
-        "phantom": "phantom gradients replace (I − J)⁻¹ by τ Σ_{i<k} Bⁱ, B = (1 − τ) I + τ J",
-        "one_step": "one-step backprop replaces (I − J)⁻¹ by the identity",
-        "shine": "SHINE replaces (I − J)⁻¹ by the forward quasi-Newton estimate −H",
-    }
-    return True, reasons.get(mode, f"backward={mode!r} is not an exact mode") + "; compared by cosine"
+    """Whether the configured backward mode is approximate by design, and why (what the mode declares)."""
+    reason = options.backward_mode.approximation
+    return (False, "") if reason is None else (True, reason + "; compared by cosine")
 
 
 def _prepare_layer(target: Any, dtype: torch.dtype | None, options: dict[str, Any]) -> ImplicitMixin:

@@ -38,37 +38,36 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils import _pytree as pytree
 
-from ..backward import get_backward_class
-from ..backward.phantom import VARIANTS as PHANTOM_VARIANTS
-from ..backward.shine import ESTIMATES as SHINE_ESTIMATES
-from ..backward.shine import FALLBACKS as SHINE_FALLBACKS
+from .. import pytree
+from ..backward import BACKWARD_MODES as MODE_REGISTRY
+from ..backward import BackwardMode
 from ..options import ImplicitOptions, resolve_options
 from ..pytree import StateLayout
-from ..solvers import STOP_MODES, get_solver_class
+from ..solvers import SOLVERS as SOLVER_REGISTRY
+from ..solvers import STOP_MODES, backward_rule, capability_rule, forward_rule
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
 __all__ = [
-    "APPROXIMATE_BACKWARD_MODES",
-    "BACKWARD_MODES",
-    "BACKWARD_SOLVERS",
-    "EXACT_BACKWARD_MODES",
     "INJECTIONS",
     "KINDS",
-    "SOLVERS",
     "STRUCTURES",
     "ContractiveBlock",
     "Problem",
+    "approximate_backward_modes",
+    "compatible",
     "contractive_blocks",
+    "default_backward_solvers",
+    "default_solvers",
+    "exact_backward_modes",
     "injections",
     "operator_norm",
     "problems",
@@ -80,29 +79,61 @@ STRUCTURES = ("tensor", "tuple", "dict", "nested")
 ALL_STRUCTURES = (*STRUCTURES, "list")
 KINDS = ("tanh", "linear", "conv")
 INJECTIONS = ("same", "tensor")
-SOLVERS = ("fixed_point", "anderson", "broyden")
-BACKWARD_SOLVERS = ("anderson", "fixed_point", "broyden", "gmres")
-EXACT_BACKWARD_MODES = ("implicit", "unrolled")
-APPROXIMATE_BACKWARD_MODES = ("phantom", "one_step", "shine")
-BACKWARD_MODES = EXACT_BACKWARD_MODES + APPROXIMATE_BACKWARD_MODES
 
 _CONTAINERS = ("tuple", "list", "dict")
 _MAX_DEPTH = 3
 _KEY_ALPHABET = "abchmnxyz_"
 _SEEDS = (0, 2**32 - 1)
-# Solvers whose iterations autograd cannot differentiate (no backward="unrolled").
-_NOT_DIFFERENTIABLE = ("adjoint_broyden", "gmres")
-# Solvers that ImplicitOptions accepts as backward_solver but that fail in the backward pass (they record a graph
-# of the map they solve: the backward map has none).
-_NOT_BACKWARD_SOLVERS = ("adjoint_broyden",)
-# Forward solvers whose factors backward="shine" reuses.
-_SHINE_SOLVERS = ("broyden", "adjoint_broyden")
 # Dense measurement of a convolution's operator norm up to this many elements per sample, an FFT bound above.
 _DENSE_LIMIT = 1024
 
 
+# ------------------------------------------------------------------------------------------------- the registries
+# The solver and mode lists are read from the registries when used, so registered components are drawn too.
+def default_solvers() -> tuple[str, ...]:
+    """Forward solvers drawn by default: those usable in every role (:meth:`Solver.general`); specialised ones
+    (``"ode"``, ``"adjoint_broyden"``) are drawn when named."""
+    return SOLVER_REGISTRY.names(lambda cls: None if cls.general() else "specialised")
+
+
+def default_backward_solvers() -> tuple[str, ...]:
+    """Backward solvers drawn by default: the general solvers and those made for linear systems (``"gmres"``)."""
+    return SOLVER_REGISTRY.names(
+        lambda cls: None if cls.general() or (cls.linear_only and backward_rule(cls) is None) else "specialised"
+    )
+
+
+def exact_backward_modes() -> tuple[str, ...]:
+    """Registered backward modes whose gradient is exact (up to the solves' tolerances)."""
+    return MODE_REGISTRY.names(lambda cls: None if cls.exact else "approximate")
+
+
+def approximate_backward_modes() -> tuple[str, ...]:
+    """Registered backward modes that approximate ``(I − J)⁻¹`` by design."""
+    return MODE_REGISTRY.names(lambda cls: "exact" if cls.exact else None)
+
+
+def compatible(solver: str, mode: str) -> bool:
+    """Whether the forward solver ``solver`` has every capability the backward mode ``mode`` requires."""
+    mode_cls = MODE_REGISTRY[mode]
+    return capability_rule(mode_cls.requires, mode)(SOLVER_REGISTRY[solver]) is None
+
+
+_DERIVED = {
+    "SOLVERS": default_solvers,
+    "BACKWARD_SOLVERS": default_backward_solvers,
+    "EXACT_BACKWARD_MODES": exact_backward_modes,
+    "APPROXIMATE_BACKWARD_MODES": approximate_backward_modes,
+    "BACKWARD_MODES": lambda: exact_backward_modes() + approximate_backward_modes(),
+}
+
+
 def __getattr__(name: str) -> Any:
-    """Public names this module does not define come from ``hypothesis.strategies`` (``integers``, ``floats``, ...)."""
+    """The registry-derived name lists (``SOLVERS``, ``BACKWARD_SOLVERS``, ``EXACT_BACKWARD_MODES``,
+    ``APPROXIMATE_BACKWARD_MODES``, ``BACKWARD_MODES``: tuples of names, read from the registries at each access);
+    other public names come from ``hypothesis.strategies`` (``integers``, ``floats``, ...)."""
+    if name in _DERIVED:
+        return _DERIVED[name]()
     if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     hst = _hypothesis()
@@ -679,55 +710,18 @@ def problems(
 
 
 # ------------------------------------------------------------------------------------------------- options
-def _solver_option_strategies(name: str) -> dict[str, SearchStrategy[Any]]:
-    """Each solver's own options, in ranges where every contractive block (L ≤ 0.9) converges."""
+def _own_options(component: type[Any], tune: bool) -> SearchStrategy[dict[str, Any]]:
+    """Draws of a registered component's own options (the ranges it declares), or its defaults."""
     hst = _hypothesis()
-    table: dict[str, dict[str, Any]] = {
-        "fixed_point": {"tau": hst.floats(0.6, 1.0)},
-        "anderson": {
-            "m": hst.integers(1, 6),
-            "beta": hst.floats(0.5, 1.0),
-            "lam": hst.sampled_from((1e-4, 1e-6, 1e-8)),
-        },
-        "broyden": {"memory": hst.integers(2, 12)},
-        "adjoint_broyden": {"memory": hst.integers(2, 30)},
-        "gmres": {"restart": hst.integers(5, 30)},
-    }
-    return table.get(name, {})
-
-
-def _backward_option_strategies(mode: str) -> dict[str, SearchStrategy[Any]]:
-    hst = _hypothesis()
-    table: dict[str, dict[str, Any]] = {
-        "phantom": {
-            "steps": hst.integers(1, 10),
-            "tau": hst.floats(0.2, 1.0),
-            "variant": hst.sampled_from(PHANTOM_VARIANTS),
-        },
-        "shine": {
-            "fallback": hst.sampled_from(SHINE_FALLBACKS),
-            "fallback_ratio": hst.floats(1.2, 4.0),
-            "refine": hst.integers(0, 4),
-            "refine_estimate": hst.sampled_from(SHINE_ESTIMATES),
-        },
-    }
-    return table.get(mode, {})
-
-
-def _own_options(names: dict[str, SearchStrategy[Any]], tune: bool) -> SearchStrategy[dict[str, Any]]:
-    hst = _hypothesis()
-    return hst.fixed_dictionaries({}, optional=names) if tune and names else hst.just({})
-
-
-def _uses_backward_solver(mode: str, backward_options: Mapping[str, Any]) -> bool:
-    return mode == "implicit" or (mode == "shine" and backward_options.get("fallback") == "exact")
+    names = component.option_strategies(hst) if tune else {}
+    return hst.fixed_dictionaries({}, optional=names) if names else hst.just({})
 
 
 def solver_options(
-    solvers: Any = SOLVERS,
+    solvers: Any = None,
     backward_modes: Any = ("implicit",),
     *,
-    backward_solvers: Any = BACKWARD_SOLVERS,
+    backward_solvers: Any = None,
     tol: Any = None,
     backward_tol: Any = None,
     max_iter: Any = 1000,
@@ -741,23 +735,25 @@ def solver_options(
     """Dicts of options for ``make_implicit`` / :func:`implicit.equilibrium`, each accepted by
     ``ImplicitOptions(**d)``.
 
-    A draw holds ``solver``, ``solver_options`` (the solver's own: fixed_point ``tau``; anderson ``m``, ``beta``,
-    ``lam``; broyden / adjoint_broyden ``memory``; each present or left at its default), ``tol``, ``max_iter``,
-    ``stop_mode``, ``check_every``, ``backward`` and ``backward_options`` (phantom ``steps``, ``tau``, ``variant``;
-    shine ``fallback``, ``fallback_ratio``, ``refine``, ``refine_estimate``) and, for modes that solve the backward
-    linear system (``"implicit"``; ``"shine"`` with ``fallback="exact"``), ``backward_solver`` (gmres with
-    ``restart``), ``backward_solver_options``, ``backward_tol``, ``backward_max_iter``, ``backward_stop_mode``.
-    Only valid pairs are drawn: ``"shine"`` with a Broyden solver, ``"unrolled"`` with a differentiable solver.
+    A draw holds ``solver``, ``solver_options`` (the solver's own options, each present or left at its default, in
+    the ranges the solver class declares with ``option_strategies``), ``tol``, ``max_iter``, ``stop_mode``,
+    ``check_every``, ``backward`` and ``backward_options`` (likewise) and, for modes that solve the backward linear
+    system (``"implicit"``; ``"shine"`` with ``fallback="exact"``: the modes' ``uses_backward_solver``),
+    ``backward_solver``, ``backward_solver_options``, ``backward_tol``, ``backward_max_iter``,
+    ``backward_stop_mode``. Only valid pairs are drawn: a solver with every capability the mode requires
+    (``"shine"`` an inverse-Jacobian estimate, ``"unrolled"`` differentiable steps).
 
-    The default ranges converge on every block of Lipschitz constant ≤ 0.9 (e.g. :func:`contractive_blocks`):
-    damping ≥ 0.6, Anderson β ≥ 0.5, Broyden memory ≥ 2, GMRES restart ≥ 5, budgets of 1000 iterations. Solvers
-    without an entry here (``"ode"``, solvers registered by the user) draw empty ``solver_options``; the ODE solver
-    costs 5–20× the f-evaluations, so give it a larger ``max_iter`` or a looser ``tol``. ``"adjoint_broyden"`` is
-    refused as a backward solver (``ImplicitOptions`` accepts it, but it needs a graph of the map it solves, which
-    the backward map lacks, and the backward pass raises).
+    Solvers and modes are read from :data:`implicit.SOLVERS` and :data:`implicit.BACKWARD_MODES`: by default the
+    forward solvers usable in every role (fixed_point, anderson, broyden and any general solver registered),
+    the backward solvers among those plus the linear ones (gmres), and ``backward="implicit"``. The declared ranges
+    converge on every block of Lipschitz constant ≤ 0.9 (e.g. :func:`contractive_blocks`) within the default budgets
+    of 1000 iterations. Specialised solvers are drawn when named: the ODE solver costs 5–20× the f-evaluations, so
+    give it a larger ``max_iter`` or a looser ``tol``; a solver that differentiates its map (adjoint Broyden) is
+    refused as a backward solver.
 
     Args:
-        solvers, backward_modes, backward_solvers, stop_modes: the choices (one, a sequence or a strategy).
+        solvers, backward_modes, backward_solvers, stop_modes: the choices (one, a sequence or a strategy; ``None``:
+            the defaults above).
         tol, backward_tol: a number, a sequence of numbers (sampled) or a strategy; default 1e-6, 1e-8 or 1e-10 in
             float64, 1e-4 or 1e-5 in float32, 20 or 100 eps for half-precision states (see ``dtype``).
         max_iter, backward_max_iter, check_every: an int, an inclusive ``(low, high)`` range or a strategy.
@@ -766,20 +762,16 @@ def solver_options(
         **fixed: options put into every draw as they are (e.g. ``on_divergence="raise"``), replacing drawn ones.
     """
     hst = _hypothesis()
+    solvers = default_solvers() if solvers is None else solvers
+    backward_solvers = default_backward_solvers() if backward_solvers is None else backward_solvers
     forward_names = _items(solvers)
     mode_names = _items(backward_modes)
-    for name in forward_names or ():
-        if get_solver_class(name).linear_only:  # unknown names raise here, not in the middle of a test
-            raise ValueError(f"solver {name!r} solves linear systems only: pass it in backward_solvers")
+    for name in forward_names or ():  # unknown or misplaced names raise here, not in the middle of a test
+        SOLVER_REGISTRY.lookup(name, option="solvers", role="forward solver", rule=forward_rule)
     for name in _items(backward_solvers) or ():
-        get_solver_class(name)
-        if name in _NOT_BACKWARD_SOLVERS:
-            raise ValueError(
-                f"{name!r} cannot solve the backward system: it differentiates the map it solves, and the backward "
-                "map u ↦ v + u J carries no graph (ImplicitOptions accepts it; the backward pass fails)"
-            )
+        SOLVER_REGISTRY.lookup(name, option="backward_solvers", role="backward solver", rule=backward_rule)
     for name in mode_names or ():
-        get_backward_class(name)
+        MODE_REGISTRY.lookup(name, option="backward_modes")
     default_tols = _default_tolerances(dtype)
     tol_st = _tolerances(tol, default_tols, "tol")
     backward_tol_st = _tolerances(backward_tol, default_tols, "backward_tol")
@@ -790,45 +782,42 @@ def solver_options(
     backward_solver_st = _choices(backward_solvers, "backward_solvers")
     resolve_options(None, fixed)  # misspelled or invalid fixed options raise now, naming the closest valid one
 
-    def compatible(pair: tuple[str, str]) -> bool:
-        solver, mode = pair
-        if mode == "shine":
-            return solver in _SHINE_SOLVERS
-        if mode == "unrolled":
-            return solver not in _NOT_DIFFERENTIABLE
-        return True
+    def valid_pair(pair: tuple[str, str]) -> bool:
+        return compatible(*pair)
 
     if forward_names is not None and mode_names is not None:
-        pairs = [(s, m) for m in mode_names for s in forward_names if compatible((s, m))]
+        pairs = [(s, m) for m in mode_names for s in forward_names if compatible(s, m)]
         if not pairs:
             raise ValueError(
-                f"no valid (solver, backward) pair among {forward_names} × {mode_names}: backward='shine' needs "
-                "solver='broyden' or 'adjoint_broyden', backward='unrolled' a differentiable solver"
+                f"no valid (solver, backward) pair among {forward_names} × {mode_names}: each mode needs a solver "
+                "with the capabilities it requires (backward='shine' an inverse-Jacobian estimate, "
+                "backward='unrolled' differentiable steps)"
             )
         pair_st = hst.sampled_from(pairs)
     else:
         pair_st = hst.tuples(_choices(solvers, "solvers"), _choices(backward_modes, "backward_modes")).filter(
-            compatible
+            valid_pair
         )
 
     @hst.composite
     def draw_options(draw: Any) -> dict[str, Any]:
         solver, mode = draw(pair_st)
+        mode_cls: type[BackwardMode] = MODE_REGISTRY[mode]
         options: dict[str, Any] = {
             "solver": solver,
-            "solver_options": draw(_own_options(_solver_option_strategies(solver), tune)),
+            "solver_options": draw(_own_options(SOLVER_REGISTRY[solver], tune)),
             "tol": draw(tol_st),
             "max_iter": draw(max_iter_st),
             "stop_mode": draw(stop_st),
             "check_every": draw(check_st),
             "backward": mode,
-            "backward_options": draw(_own_options(_backward_option_strategies(mode), tune)),
+            "backward_options": draw(_own_options(mode_cls, tune)),
         }
-        if _uses_backward_solver(mode, options["backward_options"]):
+        if mode_cls(**options["backward_options"]).uses_backward_solver:
             backward_solver = draw(backward_solver_st)
             options.update(
                 backward_solver=backward_solver,
-                backward_solver_options=draw(_own_options(_solver_option_strategies(backward_solver), tune)),
+                backward_solver_options=draw(_own_options(SOLVER_REGISTRY[backward_solver], tune)),
                 backward_tol=draw(backward_tol_st),
                 backward_max_iter=draw(backward_max_iter_st),
                 backward_stop_mode=draw(stop_st),
