@@ -1,12 +1,12 @@
-"""Variational (fixed-mask) dropout for DEQ blocks: one mask per implicit-layer call, reused by every f-evaluation
-(algorithms.md; peers.md B7). Ordinary dropout inside f would draw a new mask per iteration, so the block would have
-no fixed point."""
+"""Variational (fixed-mask) dropout for DEQ blocks (Gal and Ghahramani, "A Theoretically Grounded Application of
+Dropout in Recurrent Neural Networks", NeurIPS 2016; used in DEQs by Bai et al., "Deep Equilibrium Models", NeurIPS
+2019): one mask per implicit-layer call, reused by every f-evaluation. Ordinary dropout inside f would draw a new mask
+per iteration, so the block would have no fixed point."""
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +14,15 @@ from torch import Tensor, nn
 _CALL: contextvars.ContextVar[object | None] = contextvars.ContextVar("implicit_call", default=None)
 
 
-@contextlib.contextmanager
-def implicit_call() -> Iterator[None]:
-    """Mark one implicit-layer call: variational dropout modules draw one mask inside it."""
-    token = _CALL.set(object())
-    try:
-        yield
-    finally:
-        _CALL.reset(token)
+class implicit_call:
+    """Mark one implicit-layer call (``with implicit_call(): ...``): variational dropout modules draw one mask inside
+    it. (A class rather than a generator-based context manager: it runs on every layer call.)"""
+
+    def __enter__(self) -> None:
+        self.token = _CALL.set(object())
+
+    def __exit__(self, *exc: object) -> None:
+        _CALL.reset(self.token)
 
 
 class VariationalDropout(nn.Module):

@@ -29,5 +29,18 @@ def graph_leaves(output: Tensor) -> Iterator[Tensor]:
 
 def depends_on_more_than(output: Tensor, leaf: Tensor) -> bool:
     """Whether ``output``'s graph reaches a tensor requiring grad other than ``leaf`` (parameters, injection,
-    closures); stops at the first one."""
-    return any(variable is not leaf for variable in graph_leaves(output))
+    closures); stops at the first one. (A plain loop: this runs once per layer call.)"""
+    stack = [output.grad_fn]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend([next_node for next_node, _ in node.next_functions])
+    return False

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar, overload
 
 import torch
@@ -99,27 +99,41 @@ def _draw(probability: float) -> bool:
     return probability >= 1 or (probability > 0 and random.random() < probability)
 
 
-@contextmanager
-def parametrizations_cached(module: nn.Module) -> Iterator[None]:
+def parametrizations_cached(module: nn.Module) -> AbstractContextManager[Any]:
     """Evaluate every parametrised tensor of ``module`` (``torch.nn.utils.parametrizations`` weight norm, spectral
     norm, orthogonal, ...) once, in the caller's grad mode, and reuse it for every f-evaluation inside the block.
 
     One evaluation per layer call: the solve, the tracked call and the backward all see the same weights, spectral
     norm's power iteration advances once per call, and gradients reach the original parameters.
     """
-    parametrized = [
-        (owner, name)
-        for owner in module.modules()
-        if parametrize.is_parametrized(owner)
-        for name in owner.parametrizations
-    ]
-    if not parametrized:
-        yield
-        return
-    with parametrize.cached():
-        for owner, name in parametrized:
+    parametrized = []
+    stack = [module]
+    while stack:  # module.modules(), without its generator and name bookkeeping (this runs on every call)
+        owner = stack.pop()
+        children = owner._modules
+        if "parametrizations" in children:  # parametrize.is_parametrized, without a failing __getattr__
+            parametrized.extend((owner, name) for name in children["parametrizations"]._modules)  # type: ignore[union-attr]
+        stack.extend(child for child in children.values() if child is not None)
+    return _ParametrizationCache(parametrized) if parametrized else _NOTHING
+
+
+_NOTHING = nullcontext()
+
+
+class _ParametrizationCache:
+    """``parametrize.cached()`` with the given parametrised tensors evaluated on entry."""
+
+    def __init__(self, parametrized: list[tuple[nn.Module, str]]) -> None:
+        self.parametrized = parametrized
+        self.cache = parametrize.cached()
+
+    def __enter__(self) -> None:
+        self.cache.__enter__()
+        for owner, name in self.parametrized:
             getattr(owner, name)
-        yield
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cache.__exit__(*exc)
 
 
 class ImplicitMixin:
@@ -169,7 +183,7 @@ class ImplicitMixin:
             z0 = self.initial_state(x)
         with parametrizations_cached(self), implicit_call():  # type: ignore[arg-type]
             z, info = solve_equilibrium(self.block_forward, x, z0, options, solver_state)
-        self.last_info = info
+        self.__dict__["last_info"] = info  # a plain attribute (nn.Module's __setattr__ costs microseconds)
         return (z, info) if return_info else z
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -201,11 +215,11 @@ class ImplicitModule(ImplicitMixin, nn.Module):
         self._load_prefixes: list[str] = []
 
     def block_forward(self, z: State, x: Any) -> State:
-        return self.block(z, x)
+        return self._modules["block"](z, x)
 
     def initial_state(self, x: Any) -> State:
-        init = getattr(self.block, "initial_state", None)
-        return init(x) if callable(init) else super().initial_state(x)
+        init = _initial_state_method(self._modules["block"])
+        return init(x) if init is not None else super().initial_state(x)
 
     def _add_block_prefix(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Load hook: the block's keys (``prefix + "weight"``) go to ``prefix + "block.weight"``."""
@@ -223,6 +237,16 @@ class ImplicitModule(ImplicitMixin, nn.Module):
     def extra_repr(self) -> str:
         o = self.implicit_options
         return f"solver={o.solver!r}, backward={o.backward!r}, tol={o.tol:g}, max_iter={o.max_iter}"
+
+
+def _initial_state_method(block: nn.Module) -> Callable[[Any], State] | None:
+    """``block.initial_state`` if the block has one. Looked up on the class first: a failed ``getattr`` on a module
+    goes through ``nn.Module.__getattr__`` and an exception, which costs more than the rest of a small layer call."""
+    if getattr(type(block), "initial_state", None) is not None or "initial_state" in block.__dict__:
+        return block.initial_state
+    if type(block).__getattr__ is nn.Module.__getattr__:  # finds only parameters, buffers and submodules
+        return None
+    return getattr(block, "initial_state", None)  # a wrapper forwarding attributes (torch.compile, DDP)
 
 
 def _drop_block_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

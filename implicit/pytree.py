@@ -8,6 +8,7 @@ that the block returns a state of the same structure, shapes and dtypes.
 
 from __future__ import annotations
 
+import cmath
 import math
 from functools import cached_property
 from typing import Any
@@ -34,9 +35,14 @@ def leaf_names(tree: State) -> list[str]:
     return [pytree.keystr(path) or "<state>" for path, _ in paths]
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def working_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     """The dtype solvers compute in: the widest leaf dtype, at least float32 (half-precision states are solved in
     float32: a bf16 residual cannot resolve the tolerances a solve needs)."""
+    if len(dtypes) == 1 and dtypes[0] in _WIDE:
+        return dtypes[0]
     dtype = torch.float32
     for d in dtypes:
         dtype = torch.promote_types(dtype, d)
@@ -59,6 +65,7 @@ class StateLayout:
             leaves, self.spec = pytree.tree_flatten(state)
             if not leaves:
                 raise ValueError("the state has no tensors: expected a tensor or a tuple/list/dict of tensors")
+        first = leaves[0]
         for i, leaf in enumerate(leaves):
             if not isinstance(leaf, Tensor):
                 raise TypeError(f"state leaf {self.names[i]} is a {type(leaf).__name__}, expected a torch.Tensor")
@@ -66,23 +73,21 @@ class StateLayout:
                 raise ValueError(f"state leaf {self.names[i]} is a scalar; every leaf needs a leading batch dimension")
             if not leaf.is_floating_point():
                 raise TypeError(f"state leaf {self.names[i]} has dtype {leaf.dtype}; states must be floating point")
-        first = leaves[0]
-        self.batch = first.shape[0]
-        for i, leaf in enumerate(leaves):
-            if leaf.shape[0] != self.batch:
+            if leaf.shape[0] != first.shape[0]:
                 raise ValueError(
-                    f"state leaf {self.names[i]} has batch size {leaf.shape[0]} but {self.names[0]} has {self.batch}; "
-                    "all leaves share the leading batch dimension"
+                    f"state leaf {self.names[i]} has batch size {leaf.shape[0]} but {self.names[0]} has "
+                    f"{first.shape[0]}; all leaves share the leading batch dimension"
                 )
             if leaf.device != first.device:
                 raise ValueError(f"state leaf {self.names[i]} is on {leaf.device}, {self.names[0]} on {first.device}")
+        self.batch = first.shape[0]
         self.shapes = [tuple(leaf.shape) for leaf in leaves]  # torch.Size compares equal to tuples
         self.dtypes = [leaf.dtype for leaf in leaves]
         self.sizes = [math.prod(shape[1:]) for shape in self.shapes]
         self.numel = sum(self.sizes)
         self.dtype = working_dtype(self.dtypes)
         self.device = first.device
-        self.single = self.spec.is_leaf()
+        self.single = len(leaves) == 1 and self.spec.is_leaf()
         self.flat_shape = torch.Size((self.batch, self.numel))
 
     @cached_property
@@ -118,7 +123,7 @@ class StateLayout:
         may also be given in its own shape; it is then returned as it is (cast to the leaf dtype)."""
         if self.single:
             leaf = flat if flat.shape == self.shapes[0] else flat.reshape(self.shapes[0])
-            return leaf.to(self.dtypes[0])
+            return leaf if leaf.dtype == self.dtypes[0] else leaf.to(self.dtypes[0])
         parts = flat.split(self.sizes, dim=1)
         leaves = [p.reshape(shape).to(dtype) for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
         return pytree.tree_unflatten(leaves, self.spec)
@@ -144,12 +149,27 @@ def _autocast_active(device: torch.device) -> bool:
 
 def tree_tensors(tree: Any) -> list[Tensor]:
     """All tensors among the leaves of ``tree`` (non-tensor leaves are skipped)."""
+    if isinstance(tree, Tensor):
+        return [tree]
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def all_finite(tensors: list[Tensor]) -> bool:
-    """True when every floating-point tensor is finite; one host synchronisation for the whole list."""
-    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex()]
-    if not flags:
+    """True when every floating-point tensor is finite; one host synchronisation for the whole list.
+
+    The sum of all entries is finite when every entry is (a NaN or an infinity makes it NaN or infinite), so one
+    reduction per tensor decides the common case; only when the sum is not finite — non-finite entries, or finite
+    ones whose sum overflows — are the entries themselves checked."""
+    floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not floats:
         return True
-    return bool(torch.stack(flags).all())
+    sums = [t.detach().sum(dtype=torch.float32 if t.dtype in _HALF else None) for t in floats]
+    total = sums[0]
+    for partial in sums[1:]:
+        total = total + partial
+    if cmath.isfinite(total.item()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floats)

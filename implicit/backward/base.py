@@ -51,7 +51,9 @@ class AttachGradient(torch.autograd.Function):
         ctx.mode, ctx.tracked, ctx.z0_shape = mode, tracked, z0.shape
         layout = tracked.problem.layout
         # A single-leaf state leaves in its own shape, a fresh tensor (not a view: FSDP and in-place friendly).
-        return (z_star.reshape(layout.shapes[0]) if layout.single else z_star).clone()
+        if layout.single and z_star.shape != layout.shapes[0]:
+            z_star = z_star.reshape(layout.shapes[0])
+        return z_star.clone()
 
     @staticmethod
     @once_differentiable

@@ -46,23 +46,39 @@ class Anderson(Solver):
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         super().start(z0, differentiable, state)
-        batch, n = z0.shape
+        self.k = 0
+        self.first: tuple[Tensor, Tensor, Tensor] | None = None  # the first entry, until the buffers exist
+        self.views: dict[tuple[int, int], _Views] = {}
+
+    def _allocate(self, z: Tensor, fz: Tensor, value: Tensor) -> None:
+        """The window's buffers, at the second step (a one-step solve never needs them), holding the first entry: the
+        point ``z``, its value ``fz`` and the step taken from it."""
+        g = fz - z
+        batch, n = g.shape
         # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i,
         # and their Gram matrix G Gᵀ, updated by one row per step.
-        self.Y = z0.new_empty(batch, self.m, n)
-        self.G = z0.new_empty(batch, self.m, n)
-        self.gram = z0.new_empty(batch, self.m, self.m)
+        self.Y = g.new_empty(batch, self.m, n)
+        self.G = g.new_empty(batch, self.m, n)
+        self.gram = g.new_empty(batch, self.m, self.m)
+        self.G[:, 0] = g
+        self.Y[:, 0] = value
+        if not self.differentiable:  # the differentiable path rebuilds the Gram matrix from G at every step
+            self.gram[:, 0, 0] = torch.linalg.vecdot(g, g)
         # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
-        self.floor = torch.finfo(z0.dtype).tiny ** 0.5
-        self.k = 0
-        self.views: dict[tuple[int, int], _Views] = {}
+        self.floor = torch.finfo(g.dtype).tiny ** 0.5
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         slot = self.k % self.m
         n = min(self.k + 1, self.m)
         self.k += 1
-        if n == 1:  # one iterate: α = 1, the plain (β-damped) step; only the window's first entry is stored
-            return self._first_step(z, fz)
+        if n == 1:  # the first step, or a window of one: α = 1, the plain (β-damped) step
+            value = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+            if self.m > 1:  # the window's first entry, stored once the buffers exist (at the next step)
+                self.first = (z, fz, value)
+            return value
+        if self.first is not None:
+            self._allocate(*self.first)
+            self.first = None
         if self.differentiable:  # fresh buffers (autograd saved the old ones) and a Gram matrix built out of place
             self.Y, self.G = self.Y.clone(), self.G.clone()
             self.G[:, slot] = fz - z
@@ -90,18 +106,6 @@ class Anderson(Solver):
         w = torch.linalg.solve_ex(system, ones).result
         alpha = w / w.sum(dim=1, keepdim=True)
         return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
-
-    def _first_step(self, z: Tensor, fz: Tensor) -> Tensor:
-        """Store the first window entry (slot 0) and return its value: with one iterate α = 1."""
-        g = fz - z
-        value = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
-        if self.differentiable:  # autograd saved the old buffers; the Gram matrix is rebuilt from G per step
-            self.Y, self.G = self.Y.clone(), self.G.clone()
-        else:
-            self.gram[:, 0, 0] = torch.linalg.vecdot(g, g)
-        self.G[:, 0] = g
-        self.Y[:, 0] = value
-        return value
 
     def _views(self, slot: int, n: int) -> _Views:
         """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)

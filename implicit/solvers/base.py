@@ -20,6 +20,7 @@ Loop contract:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -203,6 +204,26 @@ class Solve:
         return self.solver.run(fn, z0, self.loop.replace(**changes))
 
 
+@functools.lru_cache(maxsize=256)
+def _constant(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-dim CPU tensor (never written to). An op with a tensor operand dispatches faster than one
+    with a Python number, and a 0-dim CPU tensor combines with tensors on any device without a transfer."""
+    with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
+        return torch.scalar_tensor(value, dtype=dtype, device="cpu")
+
+
+@functools.lru_cache(maxsize=16)
+def _tiny(dtype: torch.dtype) -> float:
+    """The smallest positive normal number of ``dtype``."""
+    return torch.finfo(dtype).tiny
+
+
+@functools.lru_cache(maxsize=16)
+def _max(dtype: torch.dtype) -> float:
+    """The largest finite number of ``dtype``."""
+    return torch.finfo(dtype).max
+
+
 class Monitor:
     """Per-sample bookkeeping shared by every solver loop: residuals of measured points, the best iterate, stopping
     (converged / diverged) and the trace. Everything stays on the device; :meth:`any_active` is the only host read.
@@ -222,63 +243,83 @@ class Monitor:
         explode: float = 1e6,
         initial_active: Tensor | None = None,
     ) -> None:
-        batch, n = z0.shape
+        n = z0.shape[1]
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
         self.use_rel = stop_mode == "rel"
-        self.inv_sqrt_n = 1.0 / math.sqrt(n)
-        self.eps = torch.finfo(z0.dtype).tiny ** 0.5
+        dtype = z0.dtype
+        self.eps = _constant(_tiny(dtype) ** 0.5, dtype)
+        self.scale = _constant(1.0 / math.sqrt(n), dtype)
+        self.tol_t = _constant(tol, dtype)
         self.best_z = z0
-        # Per sample, of the best iterate: the residual in the stopping mode, ‖f(z) − z‖ and ‖f(z)‖ + eps (both
-        # residual kinds derive from the last two at the end).
-        self.best_r = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.best_g = self.best_r
-        self.best_f = torch.ones_like(self.best_r)  # a never-measured sample reports rel = inf / 1
-        self.limit = self.best_r  # explosion threshold on ‖f(z) − z‖, set at the first check
-        self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
         self.initial_active = initial_active
-        self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
+        # Set by the first observation, which measures z0: per sample, of the best iterate, ‖f(z) − z‖, ‖f(z)‖ + eps
+        # and the residual in the stopping mode computed from them; the explosion limit; the active mask; the
+        # f-evaluations spent while active.
+        self.best_g = self.best_f = self.best_r = self.limit = self.active = self.nstep = z0.new_empty(0)
+
+    def _residual(self, gnorm: Tensor, fnorm: Tensor) -> Tensor:
+        """The residual in the stopping mode from ``‖f(z) − z‖`` and ``‖f(z)‖ + eps``."""
+        return gnorm / fnorm if self.use_rel else gnorm * self.scale
 
     def observe(self, z: Tensor, fz: Tensor, nfe: int) -> None:
-        """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far."""
+        """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far. The first point
+        measured must be ``z0``."""
         gnorm = torch.linalg.vector_norm(fz - z, dim=1)
-        fnorm = torch.linalg.vector_norm(fz, dim=1).add_(self.eps)
-        r = gnorm / fnorm if self.use_rel else gnorm * self.inv_sqrt_n
-        active = self.active
-        first = not self.trace
-        if first:  # explosion: beyond `explode` × the first residual (no limit when that was exactly 0)
-            self.limit = torch.where(gnorm > 0, self.explode * gnorm.detach(), torch.finfo(gnorm.dtype).max)
-        better = (r < self.best_r).logical_and_(active)  # False for NaN
-        self.best_r = torch.where(better, r, self.best_r)
-        self.best_g = torch.where(better, gnorm, self.best_g)
-        self.best_f = torch.where(better, fnorm, self.best_f)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
-        # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and its
-        # best residual is above tol. Whether it stopped by converging or by diverging is read off at the end.
-        keep = (gnorm <= self.limit).logical_and_(active)
-        if self.tol > 0:
-            keep = keep.logical_and_(self.best_r > self.tol)
-        if first and self.initial_active is not None:
-            keep = keep.logical_and_(self.initial_active)
-        self.nstep.add_(active, alpha=nfe - (self.trace_nfe[-1] if self.trace_nfe else 0))
+        fnorm = torch.linalg.vector_norm(fz, dim=1) + self.eps
+        r = self._residual(gnorm, fnorm)
+        if not self.trace:
+            keep = self._first(gnorm, fnorm, r, nfe)
+        else:
+            active = self.active
+            better = (r < self.best_r) & active  # False for NaN
+            self.best_g = torch.where(better, gnorm, self.best_g)
+            self.best_f = torch.where(better, fnorm, self.best_f)
+            self.best_r = self._residual(self.best_g, self.best_f)  # the same arithmetic as r: bitwise r where better
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+            # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and
+            # its best residual is above tol. Whether it stopped by converging or diverging is read off at the end.
+            keep = (gnorm <= self.limit) & active
+            if self.tol > 0:
+                keep = keep & (self.best_r > self.tol_t)
+            self.nstep.add_(active, alpha=nfe - self.trace_nfe[-1])
         self.active = keep
         self.trace.append(r.detach() if r.requires_grad else r)
         self.trace_nfe.append(nfe)
+
+    def _first(self, gnorm: Tensor, fnorm: Tensor, r: Tensor, nfe: int) -> Tensor:
+        """The first measurement (of z0, every sample active): it is the best so far, sets the explosion limit
+        (``explode`` × the first residual; only 0 is allowed after an exact 0) and returns the samples going on. A
+        non-finite first residual stops the sample (as diverged, with that residual reported)."""
+        self.best_g, self.best_f, self.best_r = gnorm, fnorm, r
+        dtype = gnorm.dtype
+        limit = (gnorm.detach() * _constant(self.explode, dtype)).clamp_(_tiny(dtype), _max(dtype))
+        self.limit = limit  # finite: an infinite or NaN residual is never below it
+        keep = gnorm <= self.limit
+        if self.tol > 0:
+            keep = keep & (r > self.tol_t)
+        if self.initial_active is not None:
+            keep = keep & self.initial_active
+        self.nstep = torch.full_like(gnorm, nfe, dtype=torch.long)
+        return keep
 
     def any_active(self) -> bool:
         """Whether a sample still iterates (one host read)."""
         return bool(self.active.any())
 
     def result(self, nfe: int, inverse_jacobian: LowRankInverse | None = None) -> SolverResult:
-        tol = self.tol
-        converged = self.best_r <= tol if tol > 0 else self.best_r == 0
+        if not self.trace:
+            raise RuntimeError("Monitor.result needs at least one observation (of z0)")
+        converged = self.best_r <= self.tol_t if self.tol > 0 else self.best_r == 0
         # Stopped, not converged and not frozen from the start: a non-finite or exploding residual stopped it.
         diverged = ~(self.active | converged)
         if self.initial_active is not None:
             diverged = diverged & self.initial_active
-        r_abs = self.best_g * self.inv_sqrt_n
-        r_rel = self.best_g / self.best_f
+        if self.use_rel:
+            r_abs, r_rel = self.best_g * self.scale, self.best_r
+        else:
+            r_abs, r_rel = self.best_r, self.best_g / self.best_f
         return SolverResult(
             z=self.best_z,
             abs=r_abs,
@@ -287,10 +328,10 @@ class Monitor:
             nfe=nfe,
             converged=converged,
             diverged=diverged,
-            trace=torch.stack(self.trace) if self.trace else self.best_r.new_empty(0, self.best_r.numel()),
+            trace=torch.stack(self.trace),
             trace_nfe=self.trace_nfe,
             stop_mode=self.stop_mode,
-            tol=tol,
+            tol=self.tol,
             inverse_jacobian=inverse_jacobian,
         )
 
