@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch 2.14.1 and torchvision 0.29.1 are the releases this project is developed and tested against.
 TORCH_PINS := torch==2.14.1
 
-.PHONY: test demo lint bench clean-venv
+.PHONY: test demo lint typecheck bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Static types of the engine (implicit/), configured in pyproject.toml.
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 # Benchmarks side by side with TorchDEQ 0.1.0, installed only here.
 bench: $(STAMP)

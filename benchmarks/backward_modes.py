@@ -17,13 +17,13 @@ three initial estimates) one table row gives
   error of the parameter gradient, against a float64 GMRES solve of ``u (I − J) = v`` to rel. 1e-12 at the very
   point the mode's forward returned (so the forward tolerance does not enter the comparison).
 
-Problems: the tanh layers of algorithms.md §0 (``sym 0.9, xs 0.1``, ``gauss 0.9, xs 1``, ``orth 0.9, xs 0.1``; B=8,
-N=64, float64, forward good Broyden memory 30 to rel. 1e-10) and the MDEQ-style conv residual block of
-``benchmarks/solver_overhead.py`` (32×16×16, B=8, float32, forward Broyden memory 30 to rel. 1e-4; backward tol 1e-6
-only, 1e-10 is below float32 round-off). Loss ``½‖z* − y‖²`` with a random target y, so ``v = z* − y``.
-For the tanh layers the per-sample adjoint is read exactly from the gradient of the pre-activation injection
-``xe = x Uᵀ + b`` (``∂ℓ/∂xe = u ⊙ (1 − f²)``); for the conv block the per-sample quality is that of ``∂ℓ/∂x``
-(``x`` enters inside a GroupNorm, so ``∂ℓ/∂x_b = u_b ∂f/∂x_b``, linear in the sample's adjoint).
+Problems: tanh layers ``f(z, x) = tanh(z Wᵀ + x Uᵀ + b)`` with ‖W‖₂ = 0.9 (``sym 0.9, xs 0.1``, ``gauss 0.9, xs 1``,
+``orth 0.9, xs 0.1``; B=8, N=64, float64, forward good Broyden memory 30 to rel. 1e-10) and the MDEQ-style conv
+residual block of ``benchmarks/solver_overhead.py`` (32×16×16, B=8, float32, forward Broyden memory 30 to rel. 1e-4;
+backward tol 1e-6 only, 1e-10 is below float32 round-off). Loss ``½‖z* − y‖²`` with a random target y, so ``v = z* −
+y``. For the tanh layers the per-sample adjoint is read exactly from the gradient of the pre-activation injection ``xe
+= x Uᵀ + b`` (``∂ℓ/∂xe = u ⊙ (1 − f²)``); for the conv block the per-sample quality is that of ``∂ℓ/∂x`` (``x`` enters
+inside a GroupNorm, so ``∂ℓ/∂x_b = u_b ∂f/∂x_b``, linear in the sample's adjoint).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def make_case(key: str, seed: int) -> Case:
         _, kind, s, xs = key.split("-")
         base = make_tol_problem(f"tanh-{'gauss' if kind == 'orth' else kind}-{s}-{xs}", seed, cpu)
         block = base.block.double()
-        if kind == "orth":  # s × a random orthogonal matrix (algorithms.md §0): spectrum on a circle
+        if kind == "orth":  # s × a random orthogonal matrix: spectrum on a circle
             g = torch.Generator().manual_seed(2000 + seed)
             q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
             with torch.no_grad():
@@ -267,7 +267,7 @@ def configs(case: Case) -> list[Config]:
         out.append(Config("shine", label, {"backward": "shine", **options}, use_opa))
     memories = (30, 300) if case.kind == "tanh" else (30,)  # the conv forward stops before 30 steps: same rows
     for memory in memories:
-        if memory != 30:  # no restart within the solve: the estimates of algorithms.md §2.5 (unlimited memory)
+        if memory != 30:  # no restart within the solve: SHINE's estimates with unlimited memory
             for label, solver in (("good Broyden", "broyden"), ("adjoint Broyden", "adjoint_broyden")):
                 options = {"backward": "shine", "backward_options": {"fallback": "none"}, "solver": solver}
                 options["solver_options"] = {"memory": memory}
@@ -279,7 +279,7 @@ def configs(case: Case) -> list[Config]:
             for estimate, label in (("transpose", "Hᵀ"), ("forward", "H"), ("identity", "−I")):
                 options = {
                     "backward": "shine",
-                    # u0 = u_SHINE for every sample (no fallback), as in algorithms.md §2.5's refine table
+                    # u0 = u_SHINE for every sample (no fallback), as in SHINE's refine variant
                     "backward_options": {"refine": 300, "refine_estimate": estimate, "fallback": "none"},
                     "backward_tol": tol,
                     "solver_options": {"memory": memory},

@@ -11,7 +11,7 @@ Three tables (markdown on stdout; ``--write`` also replaces the generated sectio
    with ‖R‖₂ = 0.5; P2: an 8×32×32×32 state, a pairwise channel rotation scaled by 0.5 (5 element-wise ops).
    torch-implicit through :func:`implicit.solve` (flat map) and :func:`implicit.equilibrium` (block ``f(z, x)``,
    state layout included); TorchDEQ through its solver functions and through ``get_deq`` (evaluation mode).
-2. NFE and wall time to rel. tol 1e-4 (B=8): tanh layers of algorithms.md §0 and a conv residual block.
+2. NFE and wall time to rel. tol 1e-4 (B=8): tanh layers ``tanh(z Wᵀ + x Uᵀ + b)`` and a conv residual block.
 3. Backward: one forward + backward with exact implicit differentiation against TorchDEQ's IFT, with VJP counts and
    the gradient error against a dense float64 solve.
 
@@ -228,7 +228,7 @@ def make_p2(device: torch.device, dtype: torch.dtype = torch.float32, seed: int 
 
 
 class TanhLayer(nn.Module):
-    """``f(z, x) = tanh(z Wᵀ + x Uᵀ + b)`` of algorithms.md §0: ‖W‖₂ = s, kind ``sym`` ((A + Aᵀ) rescaled) or
+    """``f(z, x) = tanh(z Wᵀ + x Uᵀ + b)``: ‖W‖₂ = s, kind ``sym`` ((A + Aᵀ) rescaled) or
     ``gauss`` (iid rescaled), ``U ~ N(0, 1)/√N``, ``b ~ 0.1·N(0, 1)``."""
 
     def __init__(self, n: int, s: float, kind: str, generator: torch.Generator) -> None:

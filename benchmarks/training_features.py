@@ -8,8 +8,8 @@ Usage::
 Four tables (markdown on stdout; ``--write`` also replaces this script's generated block of
 ``benchmarks/RESULTS.md``):
 
-a. **ODE vs discrete solvers.** NFE per sample (mean, max) to rel. tol 1e-4 on the four tanh problems of
-   algorithms.md §1.5 (3 seeds × B=8, N=64, float64): dopri5 (rtol 1e-5, atol 1e-8) against fixed-point, Anderson
+a. **ODE vs discrete solvers.** NFE per sample (mean, max) to rel. tol 1e-4 on the four tanh problems
+   ``tanh(z Wᵀ + x Uᵀ + b)`` (3 seeds × B=8, N=64, float64): dopri5 (rtol 1e-5, atol 1e-8) against fixed-point, Anderson
    (m=5) and Broyden (memory 30), with the distance to a Broyden solution at rel. 1e-10 and the wall time of one
    batched solve. Then the linear ``rot`` problem (B=4, N=16, ρ(J) = 1.58 but max Re λ = 0.5) to abs. tol 1e-6,
    where plain iteration diverges.
@@ -180,7 +180,7 @@ def ode_markdown(rows: list[SolveRow]) -> str:
 
 
 def make_rot(seed: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor, Tensor]:
-    """``rot`` of algorithms.md §0: ``f(z) = z Jᵀ + x``, ``J = Q D Qᵀ``, D = 2×2 blocks ``[[a, −b], [b, a]]``;
+    """``rot``: ``f(z) = z Jᵀ + x``, ``J = Q D Qᵀ``, D = 2×2 blocks ``[[a, −b], [b, a]]``;
     returns ``(fn, z0, z*, J)``."""
     g = torch.Generator().manual_seed(seed)
     a = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64)

@@ -39,10 +39,11 @@ def check_block(forward: Callable[..., Any], owner: str, *, bound: bool = True) 
         signature = inspect.signature(forward)
     except (TypeError, ValueError):  # a builtin or C extension: nothing to check
         return
-    arguments = (None, None) if bound else (None, None, None)
     try:
-        signature.bind(*arguments)
+        signature.bind(*([None] * (2 if bound else 3)))
     except TypeError as error:
+        if not bound:  # shown as on an instance, without self
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
         raise TypeError(
             f"{owner}.forward{signature} cannot be called as forward(z, x) ({error}): a DEQ block maps the state z and "
             "the injection x to the next state, forward(z, x) -> z (see implicit.Block)"

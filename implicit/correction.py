@@ -1,5 +1,5 @@
-"""Sparse fixed-point correction (DEQ-Flow, Bai et al., CVPR 2022; algorithms.md §3): supervise several states of
-one solve, each with its own gradient, and combine their losses."""
+"""Sparse fixed-point correction (Bai et al., "Deep Equilibrium Optical Flow Estimation", CVPR 2022, §3.3):
+supervise several states of one solve, each with its own gradient, and combine their losses."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def correction_positions(spec: int | Sequence[int], max_iter: int) -> list[int]:
     ``spec`` is the number of states n (``t_i = T − (n − 1 − i)⌊T/n⌋``, ``T = max_iter``: T=36, n=6 → 6, 12, …, 36;
     T=40, n=3 → 14, 27, 40) or explicit steps in ``[1, T]`` (``T`` is appended when absent).
     """
-    if isinstance(spec, int) and not isinstance(spec, bool):
+    if isinstance(spec, bool):
+        raise ValueError(f"correction must be a number of states or a sequence of solver steps, got {spec!r}")
+    if isinstance(spec, int):
         n = spec
         if not 1 <= n <= max_iter:
             raise ValueError(f"correction={n} states needs 1 ≤ n ≤ max_iter={max_iter}")

@@ -19,8 +19,11 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .module import make_implicit
+from .result import ImplicitInfo
+from .solvers import SOLVERS as SOLVER_REGISTRY
 
-SOLVERS = ("fixed_point", "anderson", "broyden")
+# The registered solvers usable in every role (fixed_point, anderson, broyden, and any general one registered).
+SOLVERS = SOLVER_REGISTRY.names(lambda cls: None if cls.general() else "specialised")
 
 
 class TanhBlock(nn.Module):
@@ -44,7 +47,7 @@ class DEQRegressor(nn.Module):
         )
         self.readout = nn.Linear(width, 1)
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> tuple[Tensor, ImplicitInfo]:
         z, info = self.deq(self.inject(x))
         return self.readout(z).squeeze(-1), info
 

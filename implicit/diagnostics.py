@@ -1,4 +1,5 @@
-"""Diagnostics of an equilibrium: the spectral radius of the block's Jacobian at the solution (algorithms.md §4).
+"""Diagnostics of an equilibrium: the spectral radius of the block's Jacobian at the solution (Bai, Koltun and Kolter,
+"Stabilizing Equilibrium Models by Jacobian Regularization", ICML 2021).
 
 ρ(J) < 1 at z* means damped iteration converges locally and the implicit backward's fixed-point iteration converges;
 a DEQ whose ρ(J) drifts towards 1 during training is becoming unstable (the signal Jacobian regularisation acts on).

@@ -51,9 +51,8 @@ class VariationalDropout(nn.Module):
             return x
         call = _CALL.get()
         shape = [1 if d in self.shared_dims or d - x.dim() in self.shared_dims else s for d, s in enumerate(x.shape)]
-        mask = self._mask
-        reuse = call is not None and call is self._mask_call and mask is not None
-        if not (reuse and list(mask.shape) == shape and mask.device == x.device and mask.dtype == x.dtype):
+        mask = self._mask if call is not None and call is self._mask_call else None
+        if mask is None or list(mask.shape) != shape or mask.device != x.device or mask.dtype != x.dtype:
             keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
             mask = keep / (1 - self.p)
             self._mask, self._mask_call = (mask, call) if call is not None else (None, None)

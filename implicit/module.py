@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +106,7 @@ def parametrizations_cached(module: nn.Module) -> AbstractContextManager[Any]:
     One evaluation per layer call: the solve, the tracked call and the backward all see the same weights, spectral
     norm's power iteration advances once per call, and gradients reach the original parameters.
     """
-    parametrized = []
+    parametrized: list[tuple[nn.Module, str]] = []
     stack = [module]
     while stack:  # module.modules(), without its generator and name bookkeeping (this runs on every call)
         owner = stack.pop()
@@ -136,8 +136,9 @@ class _ParametrizationCache:
         self.cache.__exit__(*exc)
 
 
-class ImplicitMixin:
-    """Forward of an implicit layer; combined with an ``nn.Module`` that provides :meth:`block_forward`."""
+class ImplicitMixin(nn.Module):
+    """Forward of an implicit layer: the base of ``make_implicit``'s classes, which provide :meth:`block_forward`
+    (a decorated block class puts it first in the bases, before the block class itself)."""
 
     implicit_options: ImplicitOptions
     last_info: ImplicitInfo | None = None
@@ -181,7 +182,7 @@ class ImplicitMixin:
             options = resolve_options(options, overrides)
         if z0 is None:
             z0 = self.initial_state(x)
-        with parametrizations_cached(self), implicit_call():  # type: ignore[arg-type]
+        with parametrizations_cached(self), implicit_call():
             z, info = solve_equilibrium(self.block_forward, x, z0, options, solver_state)
         self.__dict__["last_info"] = info  # a plain attribute (nn.Module's __setattr__ costs microseconds)
         return (z, info) if return_info else z
@@ -194,10 +195,10 @@ class ImplicitMixin:
         origin = cls.__dict__.get("_implicit_origin")
         if origin is None or _reachable(cls):
             return super().__reduce_ex__(protocol)
-        return _new_instance, (origin, cls.__dict__["implicit_options"]), self.__getstate__()  # type: ignore[attr-defined]
+        return _new_instance, (origin, cls.__dict__["implicit_options"]), self.__getstate__()
 
 
-class ImplicitModule(ImplicitMixin, nn.Module):
+class ImplicitModule(ImplicitMixin):
     """An implicit layer around an existing block instance (``make_implicit(block, ...)``).
 
     The block is held by reference (``self.block``): parameters are shared, not copied. ``state_dict()`` has exactly
@@ -215,10 +216,15 @@ class ImplicitModule(ImplicitMixin, nn.Module):
         self._load_prefixes: list[str] = []
 
     def block_forward(self, z: State, x: Any) -> State:
-        return self._modules["block"](z, x)
+        return self._block(z, x)
+
+    @property
+    def _block(self) -> nn.Module:
+        """The block, read from ``_modules`` directly (``self.block`` goes through ``nn.Module.__getattr__``)."""
+        return cast(nn.Module, self._modules["block"])
 
     def initial_state(self, x: Any) -> State:
-        init = _initial_state_method(self._modules["block"])
+        init = _initial_state_method(self._block)
         return init(x) if init is not None else super().initial_state(x)
 
     def _add_block_prefix(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -243,7 +249,7 @@ def _initial_state_method(block: nn.Module) -> Callable[[Any], State] | None:
     """``block.initial_state`` if the block has one. Looked up on the class first: a failed ``getattr`` on a module
     goes through ``nn.Module.__getattr__`` and an exception, which costs more than the rest of a small layer call."""
     if getattr(type(block), "initial_state", None) is not None or "initial_state" in block.__dict__:
-        return block.initial_state
+        return cast(Callable[[Any], State], block.initial_state)
     if type(block).__getattr__ is nn.Module.__getattr__:  # finds only parameters, buffers and submodules
         return None
     return getattr(block, "initial_state", None)  # a wrapper forwarding attributes (torch.compile, DDP)
@@ -281,10 +287,10 @@ def _implicit_class(cls: type[ModuleT], options: ImplicitOptions) -> type[Module
         "_implicit_origin": cls,
     }
     if "initial_state" in dir(cls):
-        namespace["initial_state"] = cls.initial_state
+        namespace["initial_state"] = getattr(cls, "initial_state")  # noqa: B009 - not every block class has one
     implicit_cls = type(cls.__name__, (ImplicitMixin, cls), namespace)
     made.append((options, implicit_cls))
-    return implicit_cls  # type: ignore[return-value]
+    return implicit_cls
 
 
 def _reachable(cls: type) -> bool:

@@ -1,4 +1,5 @@
-"""Weight normalisation for DEQ blocks through ``torch.nn.utils.parametrizations`` (algorithms.md, peers.md B10/B11).
+"""Weight normalisation for DEQ blocks through ``torch.nn.utils.parametrizations`` (weight norm: Salimans and Kingma,
+NeurIPS 2016; spectral norm: Miyato et al., ICLR 2018; both used for DEQs by Bai et al., NeurIPS 2019).
 
 Inside an implicit layer every parametrised weight is evaluated once per call and shared by all f-evaluations
 (see :func:`implicit.module.parametrizations_cached`): no manual reset step, ``deepcopy`` and ``state_dict`` work as
@@ -26,6 +27,9 @@ class SpectralBound(nn.Module):
     forced to it (``torch``'s spectral norm always rescales to σ = 1). σ is estimated by power iteration on ``W``
     reshaped to ``(out, −1)`` (50 steps at creation, then one per evaluation in training mode, with ``u``/``v``
     buffers like ``W``); the estimate approaches σ from below, so the cap holds up to its error."""
+
+    _u: Tensor
+    _v: Tensor
 
     def __init__(self, weight: Tensor, bound: float, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
         super().__init__()

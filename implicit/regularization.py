@@ -1,4 +1,5 @@
-"""Jacobian regularisation (Bai, Koltun, Kolter, ICML 2021; algorithms.md §4)."""
+"""Jacobian regularisation (Bai, Koltun and Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization",
+ICML 2021, eq. 6): a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at the equilibrium."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test problems of algorithms.md §0 and the small helpers the test files share.
+"""Test problems (tanh and linear layers with a known contraction) and the small helpers the test files share.
 
 * ``tanh(s, kind, xs)``: ``f(z, x) = tanh(z Wᵀ + x Uᵀ + b)`` with ``‖W‖₂ = s`` exactly; kind ``gauss`` (iid Gaussian
   rescaled), ``sym`` (A + Aᵀ rescaled, real spectrum) or ``orth`` (s × random orthogonal). ``U ~ N(0, 1)/√N``,
@@ -19,13 +19,20 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 import implicit
+from implicit.solvers import all_rules, capability_rule, forward_rule
+from implicit.testing.strategies import default_backward_solvers, default_solvers
 
 DTYPE = torch.float64
 KINDS = ("gauss", "sym", "orth")
-SOLVER_NAMES = ("fixed_point", "anderson", "broyden")
+# Solver lists read from the registry, so that a registered solver is exercised by every test that uses them.
+SOLVER_NAMES = default_solvers()  # usable in every role (forward, backward, unrolled, correction)
+BACKWARD_SOLVER_NAMES = default_backward_solvers()  # the above and the linear solvers (GMRES)
+DISCRETE_SOLVERS = implicit.SOLVERS.names(  # forward solvers that step (not the ODE integrator)
+    all_rules(forward_rule, capability_rule(("records_trajectory",), "stepping"))
+)
 STRUCTURES = ("tensor", "tuple", "dict", "nested")
 
-# Forward and backward options that solve to round-off (oracles 1-3).
+# Forward and backward options that solve to round-off.
 EXACT = {
     "tol": 1e-14,
     "max_iter": 400,
@@ -205,7 +212,7 @@ def diverging_lin_problem(seed: int = 0) -> Problem:
 
 # ---------------------------------------------------------------------------------------------------- measurements
 def residuals(fn: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(abs, rel)`` per sample, recomputed with the definitions of algorithms.md §0."""
+    """``(abs, rel)`` per sample, recomputed here: ``‖f(z) − z‖/√N`` and ``‖f(z) − z‖/‖f(z)‖``."""
     with torch.no_grad():
         fz = fn(z)
         gnorm = torch.linalg.vector_norm(fz - z, dim=1)
@@ -287,7 +294,7 @@ def exact_adjoint(jac: Tensor, v: Tensor) -> Tensor:
 
 
 def phantom_adjoint(jac: Tensor, v: Tensor, steps: int, tau: float) -> Tensor:
-    """Closed form of the phantom adjoint ``u_k = τ v Σ_{i<k} Bⁱ``, ``B = (1 − τ) I + τ J`` (algorithms.md §2.3),
+    """Closed form of the phantom adjoint ``u_k = τ v Σ_{i<k} Bⁱ``, ``B = (1 − τ) I + τ J`` (Geng et al., NeurIPS 2021),
     with explicit matrices."""
     eye = torch.eye(jac.shape[-1], dtype=jac.dtype)
     damped = (1 - tau) * eye + tau * jac

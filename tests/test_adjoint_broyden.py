@@ -1,4 +1,5 @@
-"""Adjoint Broyden and SHINE's accuracy with it (algorithms.md §1.4, §2.5, oracle 10)."""
+"""Adjoint Broyden and SHINE's accuracy with it (Ramzi et al., "SHINE", ICLR 2022: with OPA updates the estimate is
+accurate along the direction the backward needs)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Sparse fixed-point correction: supervised positions, the states and their own phantom gradients, and the weighted
-loss (algorithms.md §3, oracle 12)."""
+loss (Bai et al., "Deep Equilibrium Optical Flow
+Estimation", CVPR 2022)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def assert_all_equal(got: list[Tensor], want: list[Tensor]) -> None:
     ],
 )
 def test_correction_positions(spec, max_iter, want):
-    """Oracle 12: ``t_i = T − (n − 1 − i)⌊T/n⌋``; explicit steps are sorted, deduplicated and get T appended."""
+    """``t_i = T − (n − 1 − i)⌊T/n⌋``; explicit steps are sorted, deduplicated and get T appended."""
     assert correction_positions(spec, max_iter) == want
 
 
@@ -94,7 +95,7 @@ def test_correction_option_that_is_not_a_count_or_steps_raises_value_error(spec)
     [("anderson", "implicit"), ("anderson", "phantom"), ("broyden", "shine"), ("fixed_point", "unrolled")],
 )
 def test_one_state_is_the_plain_mode(solver, backward):
-    """Oracle 12: ``correction=1`` returns ``[z*]`` whose loss and gradients are bitwise those of the plain mode."""
+    """``correction=1`` returns ``[z*]`` whose loss and gradients are bitwise those of the plain mode."""
     p, c = problem_and_cotangent()
     options = {"solver": solver, "backward": backward, "max_iter": 30}
     states, x1, _ = corrected(p, correction=1, **options)

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
-from problems import tanh_problem
+from problems import DISCRETE_SOLVERS, tanh_problem
 
 import implicit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SOLVERS = ("fixed_point", "anderson", "broyden", "adjoint_broyden")
+SOLVERS = DISCRETE_SOLVERS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

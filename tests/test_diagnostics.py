@@ -1,4 +1,4 @@
-"""Spectral radius of the block's Jacobian (algorithms.md §4, oracle 14)."""
+"""Spectral radius of the block's Jacobian: power iteration and Arnoldi against known spectra."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Gradients: implicit differentiation against gradcheck, long unrolling and the linear closed form (algorithms.md §2,
-oracles 1-3), and the autograd behaviour of implicit layers (peers.md "Must do better")."""
+"""Gradients: implicit differentiation (Bai, Kolter and Koltun, "Deep Equilibrium Models", NeurIPS 2019) against
+gradcheck, long unrolling and the linear closed form, and the autograd behaviour of implicit layers."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def assert_grads_close(got: list[Tensor], want: list[Tensor], rel: float) -> Non
         assert rel_err(g, w) < rel, (i, rel_err(g, w))
 
 
-# ------------------------------------------------------------------------------------------- oracle 1: gradcheck
+# ------------------------------------------------------------------------------------------- gradcheck
 def _solution_map(block_f, z0: Tensor, **options):
     """``(x, W, U, b) -> z*`` with a block that closes over its inputs."""
 
@@ -65,7 +65,7 @@ def _solution_map(block_f, z0: Tensor, **options):
 
 @pytest.mark.parametrize("name", ORACLE1_PROBLEMS)
 def test_gradcheck(name):
-    """Oracle 1: every entry of the Jacobian of z* w.r.t. x, W, U and b (B=4, N=16: 592 inputs, 64 outputs)."""
+    """Every entry of the Jacobian of z* w.r.t. x, W, U and b (B=4, N=16: 592 inputs, 64 outputs)."""
     block_f, p = ORACLE1_PROBLEMS[name]()
     run = _solution_map(block_f, p.z0(), **EXACT)
     assert torch.autograd.gradcheck(run, leaves(p.x, *p.params), **GRADCHECK)
@@ -115,7 +115,7 @@ def test_changing_a_parameter_between_forward_and_backward_is_an_error():
         z.sum().backward()
 
 
-# ------------------------------------------------------------------------------------------- oracle 2: unrolling
+# ------------------------------------------------------------------------------------------- unrolling
 @settings(max_examples=15)
 @given(
     batch=st.integers(1, 5),
@@ -133,7 +133,7 @@ def test_changing_a_parameter_between_forward_and_backward_is_an_error():
 def test_implicit_gradient_equals_long_unrolling(
     batch, n, d, structure, pieces, kind, s, forward_solver, backward_solver, tau, seed
 ):
-    """Oracle 2: IFT = autograd through 400 plain/damped iterations (L^400 ≪ 1e-10), rel < 1e-8, on pytree states."""
+    """IFT = autograd through 400 plain/damped iterations (L^400 ≪ 1e-10), rel < 1e-8, on pytree states."""
     p = tanh_problem(s, kind, 1.0, batch=batch, n=n, d=d, seed=seed)
     block = PytreeBlock(p.block, structure, widths_for(n, pieces))
     damping = {"tau": tau}
@@ -156,7 +156,7 @@ def test_implicit_gradient_equals_long_unrolling(
     assert_grads_close(got, want, 1e-8)
 
 
-# ------------------------------------------------------------------------------------------- oracle 3: closed form
+# ------------------------------------------------------------------------------------------- closed form
 def _linear_closed_form(p, c: Tensor):
     """``u = c (I − W)⁻¹``; ``∂ℓ/∂W = uᵀz*``, ``∂ℓ/∂U = uᵀx``, ``∂ℓ/∂b = Σ_b u_b``, ``∂ℓ/∂x = u U``."""
     W, U = p.block.W.detach(), p.block.U.detach()
@@ -168,7 +168,7 @@ def _linear_closed_form(p, c: Tensor):
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
 @pytest.mark.parametrize("backward_solver", SOLVER_NAMES)
 def test_linear_gradients_match_the_closed_form(solver, backward_solver):
-    """Oracle 3: z* and the gradients of Σ c ⊙ z* w.r.t. x, W, U, b on ``lin`` (rel < 1e-12 / 1e-10)."""
+    """z* and the gradients of Σ c ⊙ z* w.r.t. x, W, U, b on ``lin`` (rel < 1e-12 / 1e-10)."""
     p = lin_problem(0.9, "gauss", batch=4, n=16, d=8, seed=8)
     c = torch.randn(4, 16, dtype=torch.float64)
     z_star, want = _linear_closed_form(p, c)

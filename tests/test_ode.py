@@ -1,4 +1,5 @@
-"""The ODE steady-state solver (algorithms.md §1.5, oracle 15)."""
+"""The ODE steady-state solver: on contractive blocks it reaches the discrete solvers' z* within ``tol/(1 − L)``; on
+a non-contractive block with Re λ < 1 it finds the equilibrium where plain iteration diverges."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ ODE = {"solver": "ode", "solver_options": {"rtol": 1e-5, "atol": 1e-8}}
 
 
 def rot_weight(seed: int = 0) -> torch.Tensor:
-    """``Q D Qᵀ`` with 2×2 blocks ``[[a, −b], [b, a]]``: ρ = 1.581 but max Re λ = 0.5 (algorithms.md §0, ``rot``)."""
+    """``Q D Qᵀ`` with 2×2 blocks ``[[a, −b], [b, a]]``: ρ = 1.581 but max Re λ = 0.5."""
     a = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64)
     b = torch.linspace(1.0, 1.5, 8, dtype=torch.float64)
     blocks = [torch.stack([torch.stack([ai, -bi]), torch.stack([bi, ai])]) for ai, bi in zip(a, b)]

@@ -1,4 +1,4 @@
-"""Option validation: one place, every entry point, helpful messages (peers.md "Must do better")."""
+"""Option validation: one place, every entry point, helpful messages."""
 
 from __future__ import annotations
 

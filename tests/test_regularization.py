@@ -1,5 +1,6 @@
 """Jacobian regularisation: the Hutchinson estimator of ``‖∂f/∂z‖_F²/N`` against exact Jacobians, and the layer's
-``jac_loss`` (algorithms.md §4, oracle 13)."""
+``jac_loss`` (Hutchinson's estimator: its error is within 4 standard deviations
+``σ_M = √(2/M) ‖J Jᵀ‖_F``)."""
 
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def estimates(p, z: Tensor, b: int, count: int, probe: str, seed: int) -> Tensor
         return torch.stack([jacobian_frobenius(fn, z[b : b + 1], probe=probe, generator=g) for _ in range(count)])
 
 
-# ------------------------------------------------------------------------------------------- oracle 13
+# ------------------------------------------------------------------------------------------- Hutchinson estimate
 @pytest.mark.parametrize("probes", [1, 16, 256])
 def test_hutchinson_estimate_is_within_four_sigma(probes):
-    """Oracle 13: ``|R_M − ‖J‖_F²/N| ≤ 4σ_M`` per sample (measured ≤ 2.47σ_M)."""
+    """``|R_M − ‖J‖_F²/N| ≤ 4σ_M`` per sample (measured ≤ 2.47σ_M)."""
     p, z, jac = hutchinson_problem()
     want, sigma = exact_value(jac), gaussian_std(jac, probes)
     g = gen(100 + probes)

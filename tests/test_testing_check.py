@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import gen, make_weight
+from problems import BACKWARD_SOLVER_NAMES, SOLVER_NAMES, gen, make_weight
 from torch import nn
 
 import implicit
@@ -79,8 +79,8 @@ def _x(batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, WIDTH, generator=gen(5))
 
 
-@pytest.mark.parametrize("backward_solver", ["fixed_point", "anderson", "broyden", "gmres"])
-@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+@pytest.mark.parametrize("backward_solver", BACKWARD_SOLVER_NAMES)
+@pytest.mark.parametrize("solver", SOLVER_NAMES)
 def test_exact_modes_pass_every_reference(solver, backward_solver):
     report = assert_gradients(Tanh(), _x(), solver=solver, backward_solver=backward_solver)
     assert not report.approximate

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hst
-from problems import per_sample_jacobian
+from problems import DISCRETE_SOLVERS, per_sample_jacobian
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
@@ -21,7 +21,7 @@ from implicit.pytree import StateLayout
 from implicit.testing import assert_gradients
 from implicit.testing import strategies as deq
 
-ALL_SOLVERS = ("fixed_point", "anderson", "broyden", "adjoint_broyden")
+ALL_SOLVERS = DISCRETE_SOLVERS
 SMALL = deq.states(batch=(1, 3), max_size=12)  # small enough for dense Jacobians and the gradient checker
 
 

@@ -72,8 +72,7 @@ class Broyden(Solver):
             self.V[:, :count] = initial.V
         self.count = count
         self.estimates: dict[int, LowRankInverse] = {}  # views of the buffers by rank, while they are not replaced
-        self.prev_g: Tensor | None = None
-        self.prev_step: Tensor | None = None
+        self.previous: tuple[Tensor, Tensor] | None = None  # the last residual and step
 
     def _store(self, r: int, u: Tensor, v: Tensor) -> None:
         """Put the pair ``(u, v)`` (rows ``(B, 1, N)``) in slot r. Computed out of place and copied: an ``out=``
@@ -95,11 +94,12 @@ class Broyden(Solver):
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
-        if self.prev_step is None:  # −H_0 g: plain iteration when H_0 = −I
+        if self.previous is None:  # −H_0 g: plain iteration when H_0 = −I
             step = self._estimate(self.count).matvec(g, negate=True)
         else:
-            s = self.prev_step[:, None]  # rows (B, 1, N)
-            y = (g - self.prev_g)[:, None]
+            prev_g, prev_step = self.previous
+            s = prev_step[:, None]  # rows (B, 1, N)
+            y = (g - prev_g)[:, None]
             r = 0 if self.count == self.memory else self.count  # restart: H ← −I, this pair computed against −I
             if r:
                 estimate = self._estimate(r)
@@ -117,7 +117,7 @@ class Broyden(Solver):
             self._store(r, u, v)
             # −H_new g = −H g − u (v·g)
             step = torch.addcmul(minus_h_g, u, torch.linalg.vecdot(v, g[:, None])[:, :, None], value=-1)[:, 0]
-        self.prev_g, self.prev_step = g, step
+        self.previous = (g, step)
         return z + step
 
     def inverse_jacobian(self) -> LowRankInverse:

@@ -203,8 +203,8 @@ def check_gradients(
 
     targets = _targets(layer, x, z_start)
     z, info = layer(x, z0=z_start, return_info=True)
-    grads = torch.autograd.grad(loss(z), [t for _, _, t in targets], allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for (_, _, t), g in zip(targets, grads)]
+    raw = torch.autograd.grad(loss(z), [t for _, _, t in targets], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for (_, _, t), g in zip(targets, raw)]
 
     description = (
         f"backward={user.backward!r} ({'approximate' if approximate else 'exact'}), solver={user.solver!r}, "
@@ -279,7 +279,17 @@ def _worst(got: Tensor, expected: Tensor) -> str:
     return f"{list(index)}: {float(got[index]):.6g} vs {float(expected[index]):.6g}"
 
 
-def _against_unrolled(layer, x, z_start, loss, targets, grads, approximate, rtol, min_cosine) -> list[Check]:
+def _against_unrolled(
+    layer: ImplicitMixin,
+    x: Any,
+    z_start: Any,
+    loss: Callable[[Any], Tensor],
+    targets: list[tuple[str, str, Tensor]],
+    grads: list[Tensor],
+    approximate: bool,
+    rtol: float,
+    min_cosine: float,
+) -> list[Check]:
     options = layer.implicit_options
     layout = StateLayout(z_start)
     with torch.no_grad():
@@ -357,7 +367,15 @@ def _against_differences(
     return checks
 
 
-def _against_gradcheck(layer, x, z_start, layout, targets, approximate, rtol) -> list[Check]:
+def _against_gradcheck(
+    layer: ImplicitMixin,
+    x: Any,
+    z_start: Any,
+    layout: StateLayout,
+    targets: list[tuple[str, str, Tensor]],
+    approximate: bool,
+    rtol: float,
+) -> list[Check]:
     checks = []
     params = dict(layer.named_parameters())
     for name, kind, t in targets:
