@@ -73,14 +73,16 @@ def solve_equilibrium(
 
     problem = Problem(fn=fn, z0=layout.flatten(z0), options=options, layout=layout)
     mode, steps = options.backward_mode, options.supervised_steps
+    # The call's changes to the configured loop (none in the common case: the loop is used as built).
+    differentiable = mode.differentiates_iterations and torch.is_grad_enabled()
     changes: dict[str, Any] = {}
-    if mode.differentiates_iterations and torch.is_grad_enabled():
+    if differentiable:
         changes["differentiable"] = True
     if steps is not None:
         changes["record_at"] = steps
     if solver_state:
         changes["state"] = solver_state
-    start = problem.z0.detach() if problem.z0.requires_grad and "differentiable" not in changes else problem.z0
+    start = problem.z0 if differentiable or not problem.z0.requires_grad else problem.z0.detach()
     result = options.forward_solve.run(fn, start, **changes)
     report_divergence(result, "forward", options.on_divergence)
     info = ImplicitInfo(forward=result, backward_mode=mode.name)

@@ -8,7 +8,6 @@ that the block returns a state of the same structure, shapes and dtypes.
 
 from __future__ import annotations
 
-import cmath
 import math
 from functools import cached_property
 from typing import Any
@@ -170,6 +169,6 @@ def all_finite(tensors: list[Tensor]) -> bool:
     total = sums[0]
     for partial in sums[1:]:
         total = total + partial
-    if cmath.isfinite(total.item()):
+    if bool(torch.isfinite(total)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in floats)

@@ -20,7 +20,6 @@ Loop contract:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -204,24 +203,30 @@ class Solve:
         return self.solver.run(fn, z0, self.loop.replace(**changes))
 
 
-@functools.lru_cache(maxsize=256)
+_CONSTANTS: dict[tuple[str, float, torch.dtype], Any] = {}
+
+
 def _constant(value: float, dtype: torch.dtype) -> Tensor:
-    """``value`` as a 0-dim CPU tensor (never written to). An op with a tensor operand dispatches faster than one
-    with a Python number, and a 0-dim CPU tensor combines with tensors on any device without a transfer."""
-    with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
-        return torch.scalar_tensor(value, dtype=dtype, device="cpu")
+    """``value`` as a 0-dim CPU tensor (never written to), cached. An op with a tensor operand dispatches faster than
+    one with a Python number, and a 0-dim CPU tensor combines with tensors on any device without a transfer."""
+    key = ("tensor", value, dtype)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        if len(_CONSTANTS) > 1024:  # many distinct tolerances: start over rather than grow
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
+            constant = _CONSTANTS[key] = torch.scalar_tensor(value, dtype=dtype, device="cpu")
+    return constant
 
 
-@functools.lru_cache(maxsize=16)
-def _tiny(dtype: torch.dtype) -> float:
-    """The smallest positive normal number of ``dtype``."""
-    return torch.finfo(dtype).tiny
-
-
-@functools.lru_cache(maxsize=16)
-def _max(dtype: torch.dtype) -> float:
-    """The largest finite number of ``dtype``."""
-    return torch.finfo(dtype).max
+def _finfo(dtype: torch.dtype) -> tuple[float, float]:
+    """``(tiny, max)`` of a floating dtype: the smallest positive normal and the largest finite number (cached)."""
+    key = ("finfo", 0.0, dtype)
+    limits = _CONSTANTS.get(key)
+    if limits is None:
+        info = torch.finfo(dtype)
+        limits = _CONSTANTS[key] = (info.tiny, info.max)
+    return limits
 
 
 class Monitor:
@@ -247,7 +252,7 @@ class Monitor:
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
         self.use_rel = stop_mode == "rel"
         dtype = z0.dtype
-        self.eps = _constant(_tiny(dtype) ** 0.5, dtype)
+        self.eps = _constant(_finfo(dtype)[0] ** 0.5, dtype)
         self.scale = _constant(1.0 / math.sqrt(n), dtype)
         self.tol_t = _constant(tol, dtype)
         self.best_z = z0
@@ -294,7 +299,7 @@ class Monitor:
         non-finite first residual stops the sample (as diverged, with that residual reported)."""
         self.best_g, self.best_f, self.best_r = gnorm, fnorm, r
         dtype = gnorm.dtype
-        limit = (gnorm.detach() * _constant(self.explode, dtype)).clamp_(_tiny(dtype), _max(dtype))
+        limit = (gnorm.detach() * _constant(self.explode, dtype)).clamp_(*_finfo(dtype))
         self.limit = limit  # finite: an infinite or NaN residual is never below it
         keep = gnorm <= self.limit
         if self.tol > 0:
