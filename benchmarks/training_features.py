@@ -294,7 +294,8 @@ def run_warm(seeds: list[int], repeats: int, warmup: int) -> list[WarmRow]:
                         )
 
                     z_prev, info_prev = solve(x, torch.zeros_like(x))
-                    state = dict(info_prev.forward.state) if reuse_h else None  # {"U", "V"}: H of the first solve
+                    # Broyden warm-started from the first solve's inverse-Jacobian estimate H
+                    state = {"inverse_jacobian": info_prev.forward.inverse_jacobian} if reuse_h else None
                     for p in PERTURBATIONS:
                         x_new = perturbed(x, p, seed)
                         row = rows.setdefault((prob.label, p, name), WarmRow(prob.label, p, name))

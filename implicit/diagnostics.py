@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .krylov import normalize, orthogonalize
-from .pytree import State, StateLayout
+from .pytree import StateLayout
+from .types import State
 
 METHODS = ("arnoldi", "power")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .backward import BACKWARD_MODES, BackwardMode, Phantom
 from .correction import correction_positions
-from .registry import Configurable, Registry, check_choice, did_you_mean
+from .registry import Configurable, Registry, Rule, check_choice, did_you_mean
 from .regularization import PROBES
 from .solvers import (
     SOLVERS,
@@ -216,7 +216,9 @@ def resolve_options(base: ImplicitOptions | None, changes: Mapping[str, Any]) ->
     return dataclasses.replace(base, **changes)
 
 
-def _build(registry: Registry[Any], name: str, options: Mapping[str, Any], *, option: str, rule: Any = None) -> Any:
+def _build(
+    registry: Registry[Any], name: str, options: Mapping[str, Any], *, option: str, rule: Rule | None = None
+) -> Any:
     """The component ``name`` of ``registry``, valid in the place ``rule`` describes, configured with ``options``."""
     role = {"solver": "forward solver", "backward_solver": "backward solver"}.get(option)
     cls: type[Configurable] = registry.lookup(name, option=option, role=role, rule=rule)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .solvers import FlatMap
+from .types import FlatMap
 
 PROBES = ("gaussian", "rademacher")
 
