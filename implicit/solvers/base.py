@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -268,9 +269,9 @@ class Monitor:
         """The residual in the stopping mode from ``‖f(z) − z‖`` and ``‖f(z)‖ + eps``."""
         return gnorm / fnorm if self.use_rel else gnorm * self.scale
 
-    def observe(self, z: Tensor, fz: Tensor, nfe: int) -> None:
+    def observe(self, z: Tensor, fz: Tensor, nfe: int, *, last: bool = False) -> None:
         """Measure the point ``z`` given ``fz = fn(z)``; ``nfe`` is the f-evaluation count so far. The first point
-        measured must be ``z0``."""
+        measured must be ``z0``; ``last`` says no iteration follows (stopping at tol need not be decided)."""
         gnorm = torch.linalg.vector_norm(fz - z, dim=1)
         fnorm = torch.linalg.vector_norm(fz, dim=1) + self.eps
         r = self._residual(gnorm, fnorm)
@@ -286,7 +287,7 @@ class Monitor:
             # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and
             # its best residual is above tol. Whether it stopped by converging or diverging is read off at the end.
             keep = (gnorm <= self.limit) & active
-            if self.tol > 0:
+            if self.tol > 0 and not last:
                 keep = keep & (self.best_r > self.tol_t)
             self.nstep.add_(active, alpha=nfe - self.trace_nfe[-1])
         self.active = keep
@@ -351,25 +352,27 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, *
     max_iter, check_every, differentiable = loop.max_iter, loop.check_every, loop.differentiable
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
-    record_steps = sorted(set(loop.record_at))
+    record_steps = sorted(set(loop.record_at)) if loop.record_at else []
     if record_steps and not 0 <= record_steps[0] <= record_steps[-1] <= max_iter:
         raise ValueError(f"record_at steps must lie in [0, max_iter={max_iter}], got {list(loop.record_at)}")
     record_set = set(record_steps)
     monitor = loop.monitor(z0)
     recorded: dict[int, Tensor] = {}
+    grad = differentiable and torch.is_grad_enabled()  # graph-free unless differentiable
 
-    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):  # graph-free unless differentiable
+    with nullcontext() if grad == torch.is_grad_enabled() else torch.set_grad_enabled(grad):
         solver.start(z0, differentiable, loop.state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):
             fz = fn(z)
             nfe += 1
-            if k % check_every == 0 or k == max_iter or k in record_set:
-                monitor.observe(z, fz, nfe)
+            last = k == max_iter
+            if last or k % check_every == 0 or k in record_set:
+                monitor.observe(z, fz, nfe, last=last)
                 if k in record_set:
                     recorded[k] = monitor.best_z
-                if k == max_iter or not monitor.any_active():
+                if last or not monitor.any_active():
                     break
             z = solver.step(z, fz)
 
