@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -204,30 +204,37 @@ class Solve:
         return self.solver.run(fn, z0, self.loop.replace(**changes))
 
 
-_CONSTANTS: dict[tuple[str, float, torch.dtype], Any] = {}
+class _Constants(NamedTuple):
+    """The numbers of a monitor's arithmetic as 0-dim CPU tensors (never written to): an op with a tensor operand
+    dispatches faster than one with a Python number, and a 0-dim CPU tensor combines with tensors on any device
+    without a transfer."""
+
+    eps: Tensor  # added to ‖f(z)‖ (the square root of the smallest normal number)
+    scale: Tensor  # 1/√N, from ‖f(z) − z‖ to the absolute residual
+    tol: Tensor
+    explode: Tensor
+    tiny: float  # the smallest positive normal number
+    max: float  # the largest finite number
 
 
-def _constant(value: float, dtype: torch.dtype) -> Tensor:
-    """``value`` as a 0-dim CPU tensor (never written to), cached. An op with a tensor operand dispatches faster than
-    one with a Python number, and a 0-dim CPU tensor combines with tensors on any device without a transfer."""
-    key = ("tensor", value, dtype)
-    constant = _CONSTANTS.get(key)
-    if constant is None:
-        if len(_CONSTANTS) > 1024:  # many distinct tolerances: start over rather than grow
+_CONSTANTS: dict[tuple[torch.dtype, int, float, float], _Constants] = {}
+
+
+def _constants(dtype: torch.dtype, n: int, tol: float, explode: float) -> _Constants:
+    """The constants of a solve, cached by what they depend on."""
+    key = (dtype, n, tol, explode)
+    constants = _CONSTANTS.get(key)
+    if constants is None:
+        if len(_CONSTANTS) > 1024:  # many distinct sizes or tolerances: start over rather than grow
             _CONSTANTS.clear()
-        with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
-            constant = _CONSTANTS[key] = torch.scalar_tensor(value, dtype=dtype, device="cpu")
-    return constant
-
-
-def _finfo(dtype: torch.dtype) -> tuple[float, float]:
-    """``(tiny, max)`` of a floating dtype: the smallest positive normal and the largest finite number (cached)."""
-    key = ("finfo", 0.0, dtype)
-    limits = _CONSTANTS.get(key)
-    if limits is None:
         info = torch.finfo(dtype)
-        limits = _CONSTANTS[key] = (info.tiny, info.max)
-    return limits
+        with torch.inference_mode(False):  # normal tensors even when first needed under inference mode
+            eps, scale, tol_t, explode_t = (
+                torch.scalar_tensor(value, dtype=dtype, device="cpu")
+                for value in (info.tiny**0.5, 1.0 / math.sqrt(n), tol, explode)
+            )
+        constants = _CONSTANTS[key] = _Constants(eps, scale, tol_t, explode_t, tiny=info.tiny, max=info.max)
+    return constants
 
 
 class Monitor:
@@ -252,17 +259,15 @@ class Monitor:
         n = z0.shape[1]
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
         self.use_rel = stop_mode == "rel"
-        dtype = z0.dtype
-        self.eps = _constant(_finfo(dtype)[0] ** 0.5, dtype)
-        self.scale = _constant(1.0 / math.sqrt(n), dtype)
-        self.tol_t = _constant(tol, dtype)
+        self.constants = constants = _constants(z0.dtype, n, tol, explode)
+        self.eps, self.scale, self.tol_t = constants.eps, constants.scale, constants.tol
         self.best_z = z0
         self.initial_active = initial_active
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
         # Set by the first observation, which measures z0: per sample, of the best iterate, ‖f(z) − z‖, ‖f(z)‖ + eps
-        # and the residual in the stopping mode computed from them; the explosion limit; the active mask; the
-        # f-evaluations spent while active.
+        # (kept in the abs stopping mode, for the relative residual at the end) and the residual in the stopping
+        # mode; the explosion limit; the active mask; the f-evaluations spent while active.
         self.best_g = self.best_f = self.best_r = self.limit = self.active = self.nstep = z0.new_empty(0)
 
     def _residual(self, gnorm: Tensor, fnorm: Tensor) -> Tensor:
@@ -281,8 +286,11 @@ class Monitor:
             active = self.active
             better = (r < self.best_r) & active  # False for NaN
             self.best_g = torch.where(better, gnorm, self.best_g)
-            self.best_f = torch.where(better, fnorm, self.best_f)
-            self.best_r = self._residual(self.best_g, self.best_f)  # the same arithmetic as r: bitwise r where better
+            if self.use_rel:
+                self.best_r = torch.where(better, r, self.best_r)
+            else:  # ‖f(z)‖ is kept for the relative residual at the end
+                self.best_f = torch.where(better, fnorm, self.best_f)
+                self.best_r = self.best_g * self.scale  # the same arithmetic as r: bitwise r where better
             self.best_z = torch.where(better[:, None], z, self.best_z)
             # A sample goes on while its residual is finite and below the explosion limit (False for NaN/Inf) and
             # its best residual is above tol. Whether it stopped by converging or diverging is read off at the end.
@@ -299,9 +307,9 @@ class Monitor:
         (``explode`` × the first residual; only 0 is allowed after an exact 0) and returns the samples going on. A
         non-finite first residual stops the sample (as diverged, with that residual reported)."""
         self.best_g, self.best_f, self.best_r = gnorm, fnorm, r
-        dtype = gnorm.dtype
-        limit = (gnorm.detach() * _constant(self.explode, dtype)).clamp_(*_finfo(dtype))
-        self.limit = limit  # finite: an infinite or NaN residual is never below it
+        constants = self.constants
+        # finite: an infinite or NaN residual is never below it
+        self.limit = (gnorm.detach() * constants.explode).clamp_(constants.tiny, constants.max)
         keep = gnorm <= self.limit
         if self.tol > 0:
             keep = keep & (r > self.tol_t)
