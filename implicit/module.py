@@ -208,7 +208,7 @@ class ImplicitModule(ImplicitMixin):
     """
 
     def __init__(self, block: nn.Module, options: ImplicitOptions | None = None, **kwargs: Any) -> None:
-        check_block(block.forward, type(block).__name__)
+        check_block(block.forward, type(block).__name__, owner_module=type(block).__module__)
         super().__init__()
         self.block = block
         self.implicit_options = resolve_options(options, kwargs)
@@ -279,7 +279,7 @@ def _implicit_class(cls: type[ModuleT], options: ImplicitOptions) -> type[Module
     for known, implicit_cls in made:
         if known == options:
             return implicit_cls
-    check_block(cls.forward, cls.__name__, bound=False)
+    check_block(cls.forward, cls.__name__, bound=False, owner_module=cls.__module__)
     namespace = {
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,

@@ -3,8 +3,11 @@ ICML 2021, eq. 6): a Hutchinson estimate of ``‖∂f/∂z‖_F²`` at the equil
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .types import FlatMap
 
@@ -24,7 +27,12 @@ def jacobian_frobenius(
 
     ``E ‖εᵀ J‖² = ‖J‖_F²`` for Gaussian or Rademacher ε; each probe costs one VJP. With ``create_graph`` (default:
     grad mode is on) the estimate is differentiable, for ``loss + weight * jac_loss``; otherwise it is detached and
-    may be called under ``torch.no_grad()`` (for monitoring).
+    may be called under ``torch.no_grad()`` (for monitoring). ``z`` is held fixed: the estimate's gradient reaches
+    the parameters and inputs of f, not the point it is taken at.
+
+    The differentiable estimate needs second derivatives of f, which PyTorch's fused attention kernels (flash,
+    memory-efficient) do not have; its call of f runs with the math kernel of ``scaled_dot_product_attention``
+    (same values up to round-off), so blocks with attention, e.g. ``nn.TransformerEncoderLayer``, can be regularised.
     """
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
@@ -33,7 +41,8 @@ def jacobian_frobenius(
     batch, n = z.shape
     with torch.enable_grad():
         z = z.detach().requires_grad_()
-        fz = fn(z)
+        with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
+            fz = fn(z)
         total = z.new_zeros(())
         for _ in range(probes):
             if probe == "gaussian":

@@ -86,3 +86,19 @@ def test_initial_state_of_the_protocol_is_used_by_every_form():
     want = torch.full((2, 1), 6.0)
     for layer in (implicit.make_implicit(Wide(), tol=1e-10), implicit.make_implicit(Wide, tol=1e-10)()):
         torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-7)
+
+
+def test_a_library_layer_with_an_optional_second_argument_points_to_the_adapters():
+    """``nn.TransformerEncoderLayer.forward(src, src_mask=None, ...)``: wrapped as it is, x would become the mask."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(TypeError) as err:
+        implicit.make_implicit(layer)
+    message = str(err.value)
+    assert "TransformerEncoderLayer is a layer of torch.nn" in message and "'src_mask'" in message
+    assert "adapters.adapt" in message
+    # A library layer whose two arguments are both required is a valid f(z, x), e.g. a bilinear map.
+    bilinear = implicit.make_implicit(nn.Bilinear(3, 3, 3).double(), solver="fixed_point", tol=1e-10, max_iter=500)
+    with torch.no_grad():
+        bilinear.block.weight.mul_(0.1)
+    z = bilinear(torch.full((2, 3), 0.1, dtype=torch.float64))
+    assert bilinear.last_info.forward.converged.all() and z.shape == (2, 3)

@@ -236,3 +236,37 @@ def test_layer_jac_loss_is_computed_with_the_given_probability(prob, calls, low,
         _, info = implicit.equilibrium(p.block, p.x, p.z0(), max_iter=2, jac_loss_probes=1, jac_loss_prob=prob)
         computed += info.jac_loss is not None
     assert low <= computed <= high
+
+
+def test_jacobian_regulariser_of_a_block_with_fused_attention_trains():
+    """PyTorch's fused attention kernels have no double backward; the regulariser's own call of f runs with the math
+    kernel, so ``jac_loss`` of a transformer layer is differentiable (it raised "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented" before)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).double()
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, z, x):
+            return self.layer(z + x)
+
+    deq = implicit.make_implicit(Block(), jac_loss_probes=2, tol=1e-8, max_iter=100)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    z, info = deq(x, return_info=True)
+    (z.sum() + info.jac_loss).backward()
+    grads = [p.grad for p in layer.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # The estimate's own gradient: nonzero, and the same as with the math kernel forced for the whole call.
+    layer.zero_grad()
+    torch.manual_seed(1)
+    _, info = deq(x, return_info=True)
+    (jac_only,) = torch.autograd.grad(info.jac_loss, [layer.self_attn.in_proj_weight])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch.manual_seed(1)
+        _, info = deq(x, return_info=True)
+        (reference,) = torch.autograd.grad(info.jac_loss, [layer.self_attn.in_proj_weight])
+    assert torch.linalg.vector_norm(jac_only) > 0
+    torch.testing.assert_close(jac_only, reference, rtol=1e-10, atol=1e-12)
