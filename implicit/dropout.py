@@ -1,17 +1,31 @@
 """Variational (fixed-mask) dropout for DEQ blocks (Gal and Ghahramani, "A Theoretically Grounded Application of
 Dropout in Recurrent Neural Networks", NeurIPS 2016; used in DEQs by Bai et al., "Deep Equilibrium Models", NeurIPS
 2019): one mask per implicit-layer call, reused by every f-evaluation. Ordinary dropout inside f would draw a new mask
-per iteration, so the block would have no fixed point."""
+per iteration, so the block would have no fixed point. :class:`VariationalDropout` is a module to put in a block;
+:func:`fixed_randomness` gives a block built from existing modules (with their own dropout layers) the same property
+by replaying one random stream per call."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-_CALL: contextvars.ContextVar[object | None] = contextvars.ContextVar("implicit_call", default=None)
+
+class _Call:
+    """One implicit-layer call: what variational dropout keys its mask on, and the seed of :func:`fixed_randomness`
+    (drawn when first needed)."""
+
+    __slots__ = ("seed",)
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("implicit_call", default=None)
 
 
 class implicit_call:
@@ -19,10 +33,37 @@ class implicit_call:
     it. (A class rather than a generator-based context manager: it runs on every layer call.)"""
 
     def __enter__(self) -> None:
-        self.token = _CALL.set(object())
+        self.token = _CALL.set(_Call())
 
     def __exit__(self, *exc: object) -> None:
         _CALL.reset(self.token)
+
+
+@contextlib.contextmanager
+def fixed_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Replay one random stream per implicit-layer call: every entry within the same call starts the global random
+    generators (CPU and, for a CUDA ``device``, that device's) from the same seed and restores them on exit.
+
+    Wrapped around a block's use of a module with ordinary dropout (``nn.Dropout``, attention-probability dropout
+    inside ``scaled_dot_product_attention``, drop-path), every f-evaluation of one solve draws the same masks — the
+    variational dropout a DEQ needs, without replacing the module's dropout layers. The seed is drawn from the global
+    CPU generator once per call, so consecutive calls draw new masks and ``torch.manual_seed`` makes them
+    reproducible. Outside an implicit-layer call it does nothing (fresh draws, as usual).
+    """
+    call = _CALL.get()
+    if call is None:
+        yield
+        return
+    if call.seed is None:
+        call.seed = int(torch.randint(0, 2**62, (1,)).item())
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(call.seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(call.seed)
+        yield
 
 
 class VariationalDropout(nn.Module):

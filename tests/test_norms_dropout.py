@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import implicit
-from implicit.dropout import VariationalDropout
+from implicit.dropout import VariationalDropout, fixed_randomness
 from implicit.norms import SpectralBound, spectral_norm, weight_norm
 
 WIDTH = 12
@@ -139,3 +140,67 @@ def test_variational_dropout_shapes_devices_and_eval():
     assert torch.equal(drop(x), x)
     with pytest.raises(ValueError, match="probability"):
         VariationalDropout(1.0)
+
+
+class OrdinaryDropoutBlock(nn.Module):
+    """A block built from modules with ordinary ``nn.Dropout``, made variational by replaying the random stream."""
+
+    def __init__(self, replay: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
+        with torch.no_grad():
+            self.linear.weight.mul_(0.5)
+        self.drop = nn.Dropout(0.3)
+        self.replay = replay
+
+    def forward(self, z, x):
+        with fixed_randomness(z.device) if self.replay else contextlib.nullcontext():
+            return torch.tanh(self.linear(self.drop(z)) + x)
+
+
+def test_fixed_randomness_makes_ordinary_dropout_variational():
+    """With the stream replayed every f-evaluation of a call draws the same masks, so the solve converges to the
+    fixed point of the masked map; without it the residual stalls at the masks' noise."""
+    x = torch.randn(4, WIDTH, dtype=torch.float64)
+    torch.manual_seed(0)
+    replayed = implicit.make_implicit(OrdinaryDropoutBlock(replay=True), solver="fixed_point", tol=1e-10, max_iter=300)
+    fresh = implicit.make_implicit(OrdinaryDropoutBlock(replay=False), solver="fixed_point", tol=1e-10, max_iter=300)
+    fresh.load_state_dict(replayed.state_dict())
+    _, info = replayed(x, return_info=True)
+    assert info.forward.converged.all()
+    _, info = fresh(x, on_divergence="ignore", return_info=True)
+    assert (info.forward.rel > 1e-3).all()
+
+
+def test_fixed_randomness_replays_within_a_call_and_redraws_between_calls():
+    block = OrdinaryDropoutBlock(replay=True)
+    z, x = torch.randn(3, WIDTH, dtype=torch.float64), torch.zeros(3, WIDTH, dtype=torch.float64)
+    calls: list[list[torch.Tensor]] = []
+
+    def f(z_, x_):
+        first, second = block(z_, x_), block(z_, x_)
+        assert torch.equal(first, second)  # the same masks at every evaluation of one call
+        calls[-1].append(first)
+        return 0.5 * first
+
+    def call(max_iter: int = 1) -> torch.Tensor:
+        """The block's output at z in a new implicit call (its first f-evaluation is at z0 = z)."""
+        calls.append([])
+        with torch.no_grad():
+            implicit.equilibrium(f, x, z, max_iter=max_iter, tol=0.0)
+        return calls[-1][0]
+
+    torch.manual_seed(7)
+    first_call = call()
+    assert not torch.equal(call(), first_call)  # a new call, new masks
+    torch.manual_seed(7)
+    assert torch.equal(call(), first_call)  # reproducible from the global seed
+    # The global generator advances by one draw per call, whatever the number of f-evaluations.
+    torch.manual_seed(7)
+    call(max_iter=5)
+    after_five = torch.rand(1)
+    torch.manual_seed(7)
+    call(max_iter=1)
+    assert torch.equal(torch.rand(1), after_five)
+    # Outside an implicit call nothing is replayed.
+    assert not torch.equal(block(z, x), block(z, x))
