@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch 2.14.1 and torchvision 0.29.1 are the releases this project is developed and tested against.
-TORCH_PINS := torch==2.14.1
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test demo lint typecheck bench clean-venv
 
@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PINS)" -e ".[dev]"
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[dev,vision,transformers]"
 	touch $(STAMP)
 
 test: $(STAMP)

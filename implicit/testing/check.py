@@ -26,6 +26,8 @@ from ..pytree import StateLayout
 from ..solvers import solve
 
 REFERENCES = ("unrolled", "finite_differences", "gradcheck")
+# A gradient counts as zero when its norm is below this many machine epsilons of the largest gradient checked.
+_ROUNDOFF = 1e3
 
 
 @dataclass
@@ -254,10 +256,15 @@ def _targets(layer: ImplicitMixin, x: Any, z_start: Any) -> list[tuple[str, str,
 
 
 def _compare(
-    got: Tensor, expected: Tensor, approximate: bool, rtol: float, min_cosine: float
+    got: Tensor, expected: Tensor, approximate: bool, rtol: float, min_cosine: float, zero: float = 0.0
 ) -> tuple[str, float, float, bool]:
-    """(metric, value, tolerance, passed) of ``got`` against ``expected``."""
+    """(metric, value, tolerance, passed) of ``got`` against ``expected``. Both at most ``zero`` in norm: a gradient
+    that is zero up to round-off on both sides (e.g. an attention key bias, which softmax ignores), where a relative
+    error or a cosine would compare noise with noise."""
     got, expected = got.detach().flatten().double(), expected.detach().flatten().double()
+    largest = max(float(torch.linalg.vector_norm(got)), float(torch.linalg.vector_norm(expected)))
+    if largest <= zero:
+        return "zero (norm)", largest, zero, True
     if approximate:
         denom = torch.linalg.vector_norm(got) * torch.linalg.vector_norm(expected)
         if float(denom) == 0.0:
@@ -305,13 +312,15 @@ def _against_unrolled(
     reference.implicit_options = options.replace(
         backward="unrolled", backward_options={}, solver="fixed_point", solver_options={}, tol=0.0, max_iter=steps
     )
-    expected = torch.autograd.grad(loss(reference(x, z0=z_start)), [t for _, _, t in targets], allow_unused=True)
+    raw = torch.autograd.grad(loss(reference(x, z0=z_start)), [t for _, _, t in targets], allow_unused=True)
+    expected = [torch.zeros_like(t) if e is None else e for (_, _, t), e in zip(targets, raw)]
+    largest = max((float(torch.linalg.vector_norm(e.double())) for e in expected), default=0.0)
     checks = []
     for (name, kind, t), got, exp in zip(targets, grads, expected):
-        exp = torch.zeros_like(t) if exp is None else exp
         # A tensor below float64 (a float32 closure in a float64 check) carries its own rounding: 1e-4 at least.
         bound = rtol if t.dtype == torch.float64 else max(rtol, 1e-4)
-        metric, value, tolerance, passed = _compare(got, exp, approximate, bound, min_cosine)
+        zero = _ROUNDOFF * float(torch.finfo(t.dtype).eps) * largest
+        metric, value, tolerance, passed = _compare(got, exp, approximate, bound, min_cosine, zero)
         status = "pass" if passed else "FAIL"
         checks.append(
             Check(name, kind, "unrolled", metric, value, tolerance, status, "" if passed else _worst(got, exp))
@@ -330,13 +339,11 @@ def _against_differences(
     directions: int,
     generator: torch.Generator,
 ) -> list[Check]:
-    checks = []
-    for (name, kind, t), got in zip(targets, grads):
+    measured = []
+    for (_, _, t), got in zip(targets, grads):
         original = t.detach().clone()
         # A tensor below float64 (e.g. a float32 closure in a float64 check) gets a larger step and a looser bound.
-        low_precision = t.dtype != torch.float64
-        step = float(torch.finfo(t.dtype).eps) ** (1 / 3) if low_precision else eps
-        bound = 1e-2 if low_precision else max(rtol, 1e-7)
+        step = float(torch.finfo(t.dtype).eps) ** (1 / 3) if t.dtype != torch.float64 else eps
         analytic, numeric = [], []
         try:
             for _ in range(directions):
@@ -352,8 +359,18 @@ def _against_differences(
         finally:
             with torch.no_grad():
                 t.copy_(original)  # nothing the user passed in stays modified
-        a, n = torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)
-        if approximate:
+        measured.append((torch.tensor(analytic, dtype=torch.float64), torch.tensor(numeric, dtype=torch.float64)))
+    # A directional derivative that is zero on both sides is compared with the differences' own noise: a millionth
+    # of the largest finite difference measured.
+    largest = max((float(n.abs().max()) for _, n in measured if n.numel()), default=0.0)
+    checks = []
+    for (name, kind, t), got, (a, n) in zip(targets, grads, measured):
+        low_precision = t.dtype != torch.float64
+        bound = 1e-2 if low_precision else max(rtol, 1e-7)
+        zero = 1e-6 * largest
+        if max(float(a.abs().max()), float(n.abs().max())) <= zero:
+            metric, value, tolerance, passed = "zero (max)", max(float(a.abs().max()), float(n.abs().max())), zero, True
+        elif approximate:
             metric, value, tolerance, passed = _compare(a, n, True, rtol, min_cosine)
         else:
             # Finite differences carry O(step²) and O(tol/step) error: a floor of 1e-7 relative to the gradient.
