@@ -6,15 +6,18 @@ the DEQ with every engine option. ``adapt(module, **adapter_options)`` finds the
 """
 
 from .conv import ConvBlock, conv_block, mdeq_block
+from .hrnet import HRNetStageBlock, hrnet_stage_block
 from .registry import adapt, register_adapter, supported
 from .transformer import TransformerBlock, TransformerInput, transformer_block, transformer_input
 
 __all__ = [
     "ConvBlock",
+    "HRNetStageBlock",
     "TransformerBlock",
     "TransformerInput",
     "adapt",
     "conv_block",
+    "hrnet_stage_block",
     "mdeq_block",
     "register_adapter",
     "supported",
