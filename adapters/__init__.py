@@ -7,20 +7,27 @@ the DEQ with every engine option. ``adapt(module, **adapter_options)`` finds the
 
 from .conv import ConvBlock, conv_block, mdeq_block
 from .hrnet import HRNetStageBlock, hrnet_stage_block
+from .raft import RaftInjection, RaftState, RaftUpdateBlock, prepare_injection, raft_update_block, upsample_flow
 from .registry import adapt, register_adapter, supported
 from .transformer import TransformerBlock, TransformerInput, transformer_block, transformer_input
 
 __all__ = [
     "ConvBlock",
     "HRNetStageBlock",
+    "RaftInjection",
+    "RaftState",
+    "RaftUpdateBlock",
     "TransformerBlock",
     "TransformerInput",
     "adapt",
     "conv_block",
     "hrnet_stage_block",
     "mdeq_block",
+    "prepare_injection",
+    "raft_update_block",
     "register_adapter",
     "supported",
     "transformer_block",
     "transformer_input",
+    "upsample_flow",
 ]

@@ -254,7 +254,9 @@ def test_the_recipe_converges_at_random_init(name):
     assert min(best) < 1e-4, best
 
 
-@pytest.mark.parametrize("module", ["adapters.registry", "adapters.conv", "adapters.transformer", "adapters.hrnet"])
+@pytest.mark.parametrize(
+    "module", ["adapters.registry", "adapters.conv", "adapters.transformer", "adapters.hrnet", "adapters.raft"]
+)
 def test_docstring_examples_run(module):
     """Every public adapter has a short runnable example in its docstring."""
     import doctest

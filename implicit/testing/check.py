@@ -26,7 +26,8 @@ from ..pytree import StateLayout
 from ..solvers import solve
 
 REFERENCES = ("unrolled", "finite_differences", "gradcheck")
-# A gradient counts as zero when its norm is below this many machine epsilons of the largest gradient checked.
+# A gradient counts as zero when its norm is below this many machine epsilons (or solve tolerances, when larger) of
+# the largest gradient checked.
 _ROUNDOFF = 1e3
 
 
@@ -319,7 +320,8 @@ def _against_unrolled(
     for (name, kind, t), got, exp in zip(targets, grads, expected):
         # A tensor below float64 (a float32 closure in a float64 check) carries its own rounding: 1e-4 at least.
         bound = rtol if t.dtype == torch.float64 else max(rtol, 1e-4)
-        zero = _ROUNDOFF * float(torch.finfo(t.dtype).eps) * largest
+        # Zero up to what the check can resolve: round-off, or the solves' tolerance (amplified by the conditioning).
+        zero = _ROUNDOFF * max(float(torch.finfo(t.dtype).eps), options.tol) * largest
         metric, value, tolerance, passed = _compare(got, exp, approximate, bound, min_cosine, zero)
         status = "pass" if passed else "FAIL"
         checks.append(
