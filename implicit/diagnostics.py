@@ -7,6 +7,7 @@ a DEQ whose ρ(J) drifts towards 1 during training is becoming unstable (the sig
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -77,9 +78,17 @@ def _arnoldi(vjp: Any, u: Tensor, iters: int) -> Tensor:
     basis = u.new_zeros(batch, steps + 1, n)
     hessenberg = u.new_zeros(batch, steps + 1, steps)
     basis[:, 0], _ = normalize(u)
+    # Breakdown: the Krylov space of a sample is invariant (e.g. J = cI after one step) when the orthogonalised
+    # product is round-off; normalising that noise would give a basis vector that is not orthogonal and a wrong H.
+    # Its next vector is set to zero instead: the remaining columns of H are zero and its spectrum is the invariant
+    # block's plus zeros.
+    breakdown = 10 * torch.finfo(u.dtype).eps * math.sqrt(n)
     for j in range(steps):
-        w, h = orthogonalize(vjp(basis[:, j]), basis[:, : j + 1])
-        basis[:, j + 1], h_next = normalize(w)
+        product = vjp(basis[:, j])
+        w, h = orthogonalize(product, basis[:, : j + 1])
+        unit, h_next = normalize(w)
+        invariant = h_next <= breakdown * torch.linalg.vector_norm(product, dim=1)
+        basis[:, j + 1] = torch.where(invariant[:, None], 0.0, unit)
         hessenberg[:, : j + 1, j] = h
-        hessenberg[:, j + 1, j] = h_next
+        hessenberg[:, j + 1, j] = torch.where(invariant, 0.0, h_next)
     return torch.linalg.eigvals(hessenberg[:, :steps, :steps]).abs().amax(dim=1).to(u.dtype)

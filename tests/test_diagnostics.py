@@ -80,3 +80,20 @@ def test_spectral_radius_rejects_bad_arguments():
         spectral_radius(linear_block(real_dominant()), x, z, method="lanczos")
     with pytest.raises(ValueError, match="iters"):
         spectral_radius(linear_block(real_dominant()), x, z, iters=0)
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        0.99 * torch.eye(N, dtype=torch.float64),  # every start spans an invariant space of dimension one
+        torch.block_diag(0.7 * torch.eye(N - 2, dtype=torch.float64), torch.tensor([[0.0, 0.9], [-0.9, 0.0]])),
+    ],
+    ids=["scaled-identity", "two-invariant-blocks"],
+)
+def test_arnoldi_stops_cleanly_on_an_invariant_krylov_space(jacobian):
+    """The Krylov space of cI is one-dimensional (of the second map, at most three): the steps after it are round-off,
+    which must not be normalised into the basis (that gave ρ ≈ 3 for 0.99 I)."""
+    x, z = _state()
+    estimate = spectral_radius(linear_block(jacobian), x, z, iters=20, generator=gen(7))
+    expected = float(torch.linalg.eigvals(jacobian).abs().max())
+    torch.testing.assert_close(estimate, torch.full_like(estimate, expected), rtol=1e-10, atol=0)
