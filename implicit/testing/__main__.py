@@ -13,35 +13,23 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
-import importlib.util
-import inspect
-import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backward import BACKWARD_MODES
+from ..factory import UsageError, fail, load_factory, make_example, takes_seed
 from ..module import ImplicitMixin
 from ..options import resolve_options
 from ..solvers import SOLVERS, backward_rule, forward_rule
 from .check import REFERENCES, GradientReport, check_gradients
 
 PROG = "python -m implicit.testing"
-
-
-class UsageError(Exception):
-    """A mistake in the command line or the factory; exit status 2."""
-
-
-def _fail(message: str) -> NoReturn:
-    raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +88,7 @@ def parse_option(text: str) -> tuple[str, Any]:
     name, sep, raw = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not name:
-        _fail(f"--option expects NAME=VALUE, got {text!r}")
+        fail(f"--option expects NAME=VALUE, got {text!r}")
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):
@@ -115,7 +103,7 @@ def layer_options(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         if name in options and options[name] != value:
-            _fail(f"--{name.replace('_', '-')} {value} conflicts with --option {name}={options[name]!r}")
+            fail(f"--{name.replace('_', '-')} {value} conflicts with --option {name}={options[name]!r}")
         options[name] = value
     return options
 
@@ -123,95 +111,11 @@ def layer_options(args: argparse.Namespace) -> dict[str, Any]:
 def parse_references(text: str) -> tuple[str, ...]:
     references = tuple(r.strip() for r in text.split(",") if r.strip())
     if not references:
-        _fail("--references is empty")
+        fail("--references is empty")
     unknown = [r for r in references if r not in REFERENCES]
     if unknown:
-        _fail(f"unknown reference(s) {', '.join(map(repr, unknown))}; valid: {', '.join(REFERENCES)}")
+        fail(f"unknown reference(s) {', '.join(map(repr, unknown))}; valid: {', '.join(REFERENCES)}")
     return references
-
-
-# ------------------------------------------------------------------------------------------------------ the factory
-def load_factory(spec: str) -> Callable[..., Any]:
-    """The callable named by ``module:attr`` (``attr`` may be dotted; ``module`` may be a ``.py`` file path)."""
-    module_name, sep, attribute = spec.rpartition(":")
-    if not sep or not module_name or not attribute:
-        _fail(f"expected module:factory (e.g. my_pkg.models:make_block), got {spec!r}")
-    try:
-        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
-            module = _import_file(Path(module_name))
-        else:
-            module = importlib.import_module(module_name)
-    except UsageError:
-        raise
-    except ModuleNotFoundError as error:
-        if error.name is not None and (module_name == error.name or module_name.startswith(error.name + ".")):
-            _fail(f"cannot import {module_name!r}: {error} (is its directory on PYTHONPATH?)")
-        _fail(f"importing {module_name!r} failed:\n{traceback.format_exc()}")
-    except Exception:
-        _fail(f"importing {module_name!r} failed:\n{traceback.format_exc()}")
-    target: Any = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            _fail(f"{module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        _fail(f"{spec} is a {type(target).__name__}, not a callable factory")
-    return target
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        _fail(f"no such file: {path}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        _fail(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # dataclasses, pickling and relative lookups expect the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-def takes_seed(factory: Callable[..., Any]) -> bool:
-    """Whether the factory takes the example index (one positional argument); ``UsageError`` if it takes neither
-    one nor zero arguments."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # some builtins: call without arguments
-        return False
-    for args in ((0,), ()):
-        try:
-            signature.bind(*args)
-        except TypeError:
-            continue
-        return bool(args)
-    _fail(f"the factory must take no argument or one (the example index); its signature is {signature}")
-
-
-def make_example(factory: Callable[..., Any], index: int, seeded: bool, spec: str) -> tuple[nn.Module, Any, Any]:
-    torch.manual_seed(index)
-    random.seed(index)
-    try:
-        result = factory(index) if seeded else factory()
-    except Exception as error:
-        call = f"{spec}({index})" if seeded else f"{spec}()"
-        _fail(f"the factory raised in {call}:\n{_user_traceback(error)}")
-    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
-        _fail(
-            f"the factory must return (layer_or_block, x) or (layer_or_block, x, z0), "
-            f"got {type(result).__name__}{'' if not isinstance(result, (tuple, list)) else f' of {len(result)}'}"
-        )
-    target, x, z0 = (*result, None) if len(result) == 2 else result
-    if not isinstance(target, nn.Module):
-        _fail(
-            f"the factory's first element must be an implicit layer or a block nn.Module, got {type(target).__name__}"
-        )
-    return target, x, z0
-
-
-def _user_traceback(error: BaseException) -> str:
-    """The traceback of ``error`` without this module's own frame (the caller's frame is the first)."""
-    tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
-    return "".join(traceback.format_exception(type(error), error, tb)).rstrip()
 
 
 def validate_options(target: nn.Module, options: dict[str, Any]) -> None:
@@ -219,16 +123,16 @@ def validate_options(target: nn.Module, options: dict[str, Any]) -> None:
     try:
         resolve_options(base, options)
     except (TypeError, ValueError) as error:
-        _fail(f"bad option: {error}")
+        fail(f"bad option: {error}")
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace, out: Any) -> int:
     started = time.perf_counter()
     if args.examples < 1:
-        _fail(f"--examples must be ≥ 1, got {args.examples}")
+        fail(f"--examples must be ≥ 1, got {args.examples}")
     if args.threads < 0:
-        _fail(f"--threads must be ≥ 0, got {args.threads}")
+        fail(f"--threads must be ≥ 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     references = parse_references(args.references)
