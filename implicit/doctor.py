@@ -47,8 +47,10 @@ PROG = "python -m implicit.doctor"
 # the one at its middle (not shrinking) ...
 _STALLED = 0.8
 # ... and the iterates' displacement is above this fraction of the path they walked (the steps point one way; at
-# round-off the steps are noise and the displacement is a small part of the path)
+# round-off the steps are noise and the displacement is a small part of the path) or ‖z‖ grows by more than this
+# factor over the second half
 _ALIGNED = 0.5
+_GROWTH = 1.1
 # ... and the relative residual is above this many units of round-off of the state's dtype (at an equilibrium the
 # steps are round-off that need not shrink)
 _ROUNDOFF = 64
@@ -123,11 +125,12 @@ class Curves:
         return self.displacement / path.clamp_min(torch.finfo(torch.float64).tiny)
 
     def drifting(self) -> Tensor:
-        """``(B,)`` True where the iterates walk off at constant speed: the step ``f(z) − z`` does not shrink and
-        keeps its direction, so ‖z‖ grows linearly and the relative residual falls like 1/k with no equilibrium
-        near (however small it gets when ‖z‖ starts large)."""
+        """``(B,)`` True where the iterates walk off: the step ``f(z) − z`` does not shrink and either keeps its
+        direction or ‖z‖ keeps growing, so the relative residual falls like 1/k with no equilibrium near (however
+        small it gets when ‖z‖ starts large)."""
         moving = self.rel[-1] > _ROUNDOFF * self.eps
-        return moving & (self.stalled() > _STALLED) & (self.alignment() > _ALIGNED)
+        walking_off = (self.alignment() > _ALIGNED) | (self.growth() > _GROWTH)
+        return moving & (self.stalled() > _STALLED) & walking_off
 
     def status(self, tol: float) -> str:
         """``"converges"``, ``"slow"``, ``"drift"``, ``"explodes"`` or ``"non-finite"`` (over all examples)."""
@@ -172,8 +175,8 @@ class DoctorReport:
                 "solver",
                 "status",
                 f"calls to rel. {self.tol:g}",
-                "worst rel. residual",
-                "worst abs. residual",
+                "best rel. residual (worst example)",
+                "last abs. residual (worst example)",
                 "‖z‖ last/middle",
                 "log-log slope of r",
             )
@@ -391,9 +394,9 @@ def _verdict(checks: list[Check], curves: dict[str, Curves], tol: float) -> tupl
         elif status == "drift":
             reasons.append(
                 f"{name}: the step ‖f(z) − z‖ does not shrink ({float(c.stalled().max()):.2f}× its value at the "
-                f"middle of the budget) and keeps its direction (displacement {float(c.alignment().max()):.2f}× the "
-                f"path), ‖z‖ grows ×{float(c.growth().max()):.2f} over the second half and the relative "
-                f"residual falls with log-log slope {float(c.slope().mean()):.2f}: linear drift, not convergence"
+                f"middle of the budget) while ‖z‖ grows ×{float(c.growth().max()):.2f} over the second half "
+                f"(displacement {float(c.alignment().max()):.2f}× the path walked) and the relative residual falls "
+                f"with log-log slope {float(c.slope().mean()):.2f}: linear drift, not convergence"
             )
         elif status == "explodes":
             reasons.append(f"{name}: ‖z‖ or the residual grows more than {_EXPLOSION:g}× over the budget")
@@ -401,8 +404,8 @@ def _verdict(checks: list[Check], curves: dict[str, Curves], tol: float) -> tupl
             reasons.append(f"{name}: non-finite values")
         else:
             reasons.append(
-                f"{name}: bounded, worst rel. residual {float(c.rel.min(dim=0).values.max()):.1e} after "
-                f"{c.rel.shape[0]} calls (tolerance {tol:g})"
+                f"{name}: bounded, but the worst example's best rel. residual in {c.rel.shape[0]} calls is "
+                f"{float(c.rel.min(dim=0).values.max()):.1e} (tolerance {tol:g})"
             )
     if failed:
         return "not_a_function", reasons
