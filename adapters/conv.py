@@ -98,8 +98,9 @@ def mdeq_block(
     Example::
 
         >>> import torch
-        >>> import adapters, implicit
-        >>> deq = implicit.make_implicit(adapters.mdeq_block(16), solver="anderson", tol=1e-4)
+        >>> import implicit
+        >>> from adapters import mdeq_block
+        >>> deq = implicit.make_implicit(mdeq_block(16), solver="anderson", tol=1e-4)
         >>> deq(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 16, 8, 8])
     """

@@ -8,12 +8,13 @@ uses its base's adapter.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from torch import nn
 
 Adapter = Callable[..., nn.Module]
+T = TypeVar("T")
 
 _ADAPTERS: dict[str, Adapter] = {}
 
@@ -21,6 +22,15 @@ _ADAPTERS: dict[str, Adapter] = {}
 def class_path(cls: type) -> str:
     """``module.QualifiedName`` of a class, the key adapters register under."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def by_class(table: Mapping[str, T], obj: object) -> T | None:
+    """The entry of ``table`` (keyed by :func:`class_path`) for the type of ``obj`` or its nearest base class."""
+    for cls in type(obj).__mro__:
+        entry = table.get(class_path(cls))
+        if entry is not None:
+            return entry
+    return None
 
 
 def register_adapter(*class_paths: str) -> Callable[[Adapter], Adapter]:
@@ -57,10 +67,9 @@ def adapt(module: nn.Module, **adapter_options: Any) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"adapters.adapt takes an nn.Module, got {type(module).__name__}")
-    for cls in type(module).__mro__:
-        adapter = _ADAPTERS.get(class_path(cls))
-        if adapter is not None:
-            return adapter(module, **adapter_options)
+    adapter = by_class(_ADAPTERS, module)
+    if adapter is not None:
+        return adapter(module, **adapter_options)
     raise TypeError(
         f"adapters.adapt: no adapter for {class_path(type(module))}; supported types: {', '.join(supported())}. "
         "A block of your own needs no adapter: give it forward(z, x) -> z (implicit.Block)"

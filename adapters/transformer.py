@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from implicit.dropout import fixed_randomness
 
-from .registry import class_path, register_adapter
+from .registry import by_class, class_path, register_adapter
 
 INJECTIONS = ("residual", "qkv")
 
@@ -219,10 +219,9 @@ _FAMILIES: dict[str, _Family] = {
 
 
 def _family(layer: nn.Module) -> _Family:
-    for cls in type(layer).__mro__:
-        family = _FAMILIES.get(class_path(cls))
-        if family is not None:
-            return family
+    family = by_class(_FAMILIES, layer)
+    if family is not None:
+        return family
     raise TypeError(
         f"transformer_block: unsupported layer {class_path(type(layer))}; supported: {', '.join(sorted(_FAMILIES))}"
     )

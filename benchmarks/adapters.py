@@ -45,7 +45,7 @@ import adapters
 import implicit
 
 from .backward_modes import SavedTensors, environment_lines
-from .solver_overhead import Counter, fmt, load_torchdeq, make_sync, ratio, replace_block, table, time_interleaved
+from .solver_overhead import fmt, load_torchdeq, make_sync, ratio, replace_block, table, time_interleaved
 
 BEGIN_MARK = "<!-- BEGIN GENERATED (python -m benchmarks.adapters --write) -->"
 END_MARK = "<!-- END GENERATED (benchmarks.adapters) -->"
@@ -118,7 +118,8 @@ def _hugging_face_cases(device: torch.device) -> list[Case]:
 def _conv_case(device: torch.device) -> list[Case]:
     torch.manual_seed(0)
     x = torch.randn(8, 32, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
-    return [Case("conv", "MDEQ conv block 32×16×16", adapters.mdeq_block(32).to(device), x)]
+    block = adapters.conv.mdeq_block(32).to(device)
+    return [Case("conv", "MDEQ conv block 32×16×16", block, x)]
 
 
 def _hrnet_case(device: torch.device) -> list[Case]:
@@ -184,7 +185,7 @@ def _differentiated(case: Case) -> list[Tensor]:
     return [*case.block.parameters(), *torch.utils._pytree.tree_leaves(case.x)]
 
 
-def _peer_layer(torchdeq: Any, training: bool) -> Any:
+def _peer_layer(training: bool) -> Any:
     from torchdeq import get_deq
 
     layer = get_deq(
@@ -202,11 +203,10 @@ def _peer_layer(torchdeq: Any, training: bool) -> Any:
     return layer
 
 
-def _peer_solve(layer: Any, case: Case, f: Callable[..., Any] | None = None) -> tuple[Any, Any]:
+def _peer_solve(layer: Any, case: Case) -> tuple[Any, Any]:
     """TorchDEQ's solve of the block: a tensor state as it is, a list state through TorchDEQ's multiscale wrapper
     (which calls the function with the list unpacked)."""
-    f = f or case.block
-    x = case.x
+    f, x = case.block, case.x
     z0 = case.block.initial_state(x)
     if isinstance(z0, Tensor):
         z_out, info = layer(lambda z: f(z, x), z0, solver_kwargs={"m": 5})
@@ -215,11 +215,14 @@ def _peer_solve(layer: Any, case: Case, f: Callable[..., Any] | None = None) -> 
     return z_out[-1], info
 
 
-def _saved_mb(run: Callable[[], Any], exclude: list[Tensor]) -> tuple[float, Any]:
+def _saved_mb(run: Callable[[], Any], exclude: list[Tensor]) -> float:
+    """MiB of the tensors autograd keeps for the backward of ``run()``'s graph (``exclude``: the parameters)."""
     recorder = SavedTensors()
     with recorder.recording():
         out = run()
-    return recorder.alive_mb(exclude), out
+    mib = recorder.alive_mb(exclude)
+    del out
+    return mib
 
 
 @dataclass
@@ -245,8 +248,7 @@ def measure(case: Case, torchdeq: Any, device: torch.device, repeats: int, warmu
     peer_nfe = None
     if torchdeq is not None:
         with torch.no_grad():
-            counter = Counter(case.block)
-            _, info = _peer_solve(_peer_layer(torchdeq, False), case, counter)
+            _, info = _peer_solve(_peer_layer(False), case)
             rel = torch.as_tensor(info["rel_lowest"]).flatten()
             steps = torch.as_tensor(info["nstep"]).double().flatten()
             peer_nfe = (float(steps.mean()), float(steps.max()), f"{int((rel <= TOL).sum())}/{batch}")
@@ -264,42 +266,25 @@ def measure(case: Case, torchdeq: Any, device: torch.device, repeats: int, warmu
     def stacked_forward() -> Any:
         return _stacked(grad_case, depth)
 
+    no_grad = torch.no_grad()  # as a decorator: the forward-only runners record no graph
     runners: dict[str, Runner] = {
-        "deq|f": lambda: _solve(case, "anderson"),
-        "stacked|f": lambda: _stacked(case, depth),
+        "deq|f": no_grad(lambda: _solve(case, "anderson")),
+        "stacked|f": no_grad(lambda: _stacked(case, depth)),
+        "deq|fb": step(deq_forward),
+        "stacked|fb": step(stacked_forward),
     }
-    runners["deq|fb"] = step(deq_forward)
-    runners["stacked|fb"] = step(stacked_forward)
-    saved = {
-        "deq": _saved_mb(deq_forward, wrt)[0],
-        "stacked": _saved_mb(stacked_forward, wrt)[0],
-    }
+    saved = {"deq": _saved_mb(deq_forward, wrt), "stacked": _saved_mb(stacked_forward, wrt)}
     if peer_nfe is not None:
-        eval_layer, train_layer = _peer_layer(torchdeq, False), _peer_layer(torchdeq, True)
+        eval_layer, train_layer = _peer_layer(False), _peer_layer(True)
 
-        def peer_no_grad() -> Any:
-            with torch.no_grad():
-                return _peer_solve(eval_layer, case)
+        def peer_forward() -> Any:
+            return _peer_solve(train_layer, grad_case)[0]
 
-        runners["torchdeq|f"] = peer_no_grad
-        runners["torchdeq|fb"] = step(lambda: _peer_solve(train_layer, grad_case)[0])
-        saved["torchdeq"] = _saved_mb(lambda: _peer_solve(train_layer, grad_case)[0], wrt)[0]
-    no_grad_names = {"deq|f", "stacked|f", "torchdeq|f"}
-
-    def wrapped(name: str, run: Runner) -> Runner:
-        if name in no_grad_names:
-            return lambda: _no_grad(run)
-        return run
-
-    timings = time_interleaved(
-        {name: wrapped(name, run) for name, run in runners.items()}, repeats=repeats, warmup=warmup, sync=sync
-    )
+        runners["torchdeq|f"] = no_grad(lambda: _peer_solve(eval_layer, case))
+        runners["torchdeq|fb"] = step(peer_forward)
+        saved["torchdeq"] = _saved_mb(peer_forward, wrt)
+    timings = time_interleaved(runners, repeats=repeats, warmup=warmup, sync=sync)
     return Measured(nfe, depth, {name: t.median * 1e3 for name, t in timings.items()}, saved, peer_nfe)
-
-
-def _no_grad(run: Runner) -> Any:
-    with torch.no_grad():
-        return run()
 
 
 # --------------------------------------------------------------------------------------------------- report

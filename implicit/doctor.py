@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .diagnostics import spectral_radius
 from .dropout import implicit_call
-from .factory import UsageError, fail, load_factory, make_example, takes_seed
+from .factory import UsageError, add_factory_argument, fail, load_factory, make_example, takes_seed
 from .module import ImplicitMixin
 from .pytree import StateLayout, tree_map
 from .solvers import SOLVERS, solve
@@ -505,11 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of each solver and names the verdict. Exit status 0: ready; 1: slow, diverges or not a function; 2: usage "
         "error.",
     )
-    parser.add_argument(
-        "factory",
-        metavar="module:factory",
-        help="import path (or path/to/file.py) and attribute of a callable returning (block, x) or (block, x, z0)",
-    )
+    add_factory_argument(parser, "(block, x) or (block, x, z0)")
     parser.add_argument("--budget", type=int, default=60, help="f-evaluations per solver (60)")
     parser.add_argument("--tol", type=float, default=1e-4, help="relative residual a ready block reaches (1e-4)")
     parser.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS), help="comma-separated forward solvers")

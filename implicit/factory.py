@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import inspect
@@ -63,6 +64,16 @@ def _import_file(path: Path) -> Any:
     sys.modules[path.stem] = module  # dataclasses, pickling and relative lookups expect the module registered
     spec.loader.exec_module(module)
     return module
+
+
+def add_factory_argument(parser: argparse.ArgumentParser, returns: str) -> None:
+    """The commands' positional ``module:factory`` argument; ``returns`` names what the factory returns."""
+    parser.add_argument(
+        "factory",
+        metavar="module:factory",
+        help=f"import path (or path/to/file.py) and attribute of a callable returning {returns}; called with the "
+        "example index if it takes one positional argument",
+    )
 
 
 def takes_seed(factory: Callable[..., Any]) -> bool:

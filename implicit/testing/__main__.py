@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..backward import BACKWARD_MODES
-from ..factory import UsageError, fail, load_factory, make_example, takes_seed
+from ..factory import UsageError, add_factory_argument, fail, load_factory, make_example, takes_seed
 from ..module import ImplicitMixin
 from ..options import resolve_options
 from ..solvers import SOLVERS, backward_rule, forward_rule
@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "differences and gradcheck (on a float64 copy). Exit status 0: all checks passed; 1: a check failed; "
         "2: usage error.",
     )
-    parser.add_argument(
-        "factory",
-        metavar="module:factory",
-        help="import path (or path/to/file.py) and attribute of a callable returning (layer_or_block, x) or "
-        "(layer_or_block, x, z0); called with the example index if it takes one positional argument",
-    )
+    add_factory_argument(parser, "(layer_or_block, x) or (layer_or_block, x, z0)")
     parser.add_argument("--solver", choices=SOLVERS.names(forward_rule), help="forward solver")
     parser.add_argument("--backward", choices=list(BACKWARD_MODES), help="backward mode")
     parser.add_argument(
