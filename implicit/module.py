@@ -85,7 +85,7 @@ def solve_equilibrium(
     start = problem.z0 if differentiable or not problem.z0.requires_grad else problem.z0.detach()
     result = options.forward_solve.run(fn, start, **changes)
     report_divergence(result, "forward", options.on_divergence)
-    info = ImplicitInfo(forward=result, backward_mode=mode.name)
+    info = ImplicitInfo(forward=result, backward_mode=mode.name, layout=layout)
     if steps is None:
         out: Any = layout.unflatten(mode.attach(problem, result, info))
     else:  # the supervised intermediate states (each its own gradient), then z*

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from .lowrank import LowRankInverse
+
+if TYPE_CHECKING:
+    from .pytree import StateLayout
 
 
 @dataclass
@@ -90,6 +94,9 @@ class ImplicitInfo:
         jac_loss: Hutchinson estimate of ``‖∂f/∂z‖_F² / N`` at z* (batch mean), when Jacobian regularisation ran
             this call (a scalar tensor differentiable for training), else ``None``.
         extras: mode-specific diagnostics (e.g. SHINE's per-sample fallback mask).
+        state: the solution z* (the forward solve's best iterate), detached, in the state's structure and dtypes:
+            pass it as ``z0`` to warm-start the next call on a related input (the next video frame, the next
+            optimisation step).
     """
 
     forward: SolverResult
@@ -99,3 +106,10 @@ class ImplicitInfo:
     backward_vjps: int = 0
     jac_loss: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    layout: StateLayout | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def state(self) -> Any:
+        """z*, detached, in the state's structure (built on first access from the flat solution)."""
+        z = self.forward.z.detach()
+        return z if self.layout is None else self.layout.unflatten(z)

@@ -350,3 +350,24 @@ def test_a_converging_layer_emits_no_warning():
         warnings.simplefilter("error")
         layer(p.x).sum().backward()
     assert layer.last_info.forward.converged.all() and layer.last_info.backward.converged.all()
+
+
+@pytest.mark.parametrize("structure", ["tensor", "tuple", "dict", "nested"])
+def test_info_state_is_the_detached_solution_and_warm_starts_the_next_call(structure):
+    """``info.state`` is z* in the state's structure and dtypes, detached; as ``z0`` on a nearby input it saves
+    iterations (fixed-point reuse)."""
+    from problems import PytreeBlock, merge_state, widths_for
+
+    p = tanh_problem(0.9, "sym", 0.1, batch=4, n=16)
+    layer = implicit.make_implicit(PytreeBlock(p.block, structure, widths_for(16, 3)), **{**OPTIONS, "tol": 1e-8})
+    z, info = layer(p.x, return_info=True)
+    state = info.state
+    assert type(state) is type(z) and not merge_state(state).requires_grad
+    assert torch.equal(merge_state(state), merge_state(z).detach())
+    assert info.state is state  # built once
+
+    nearby = p.x + 1e-3 * torch.randn(p.x.shape, generator=torch.Generator().manual_seed(5), dtype=p.x.dtype)
+    _, cold = layer(nearby, return_info=True)
+    _, warm = layer(nearby, z0=state, return_info=True)
+    assert cold.forward.converged.all() and warm.forward.converged.all()
+    assert warm.forward.nfe < cold.forward.nfe
