@@ -38,7 +38,7 @@ class RaftInjection(NamedTuple):
     Attributes:
         pyramid: the correlation pyramid, level l of shape ``(B·h·w, 1, h/2^l, w/2^l)``.
         context: the context features, ``relu`` of the context encoder's second part, ``(B, C, h, w)``.
-        coords0: the pixel grid ``(B, 2, h, w)`` (x first), in the features' dtype.
+        coords0: the pixel grid ``(B, 2, h, w)`` (x first), in the features' dtype, at least float32.
         hidden: ``tanh`` of the context encoder's first part: RAFT's initial hidden state.
         radius: the lookup radius of the model's correlation block.
     """
@@ -112,7 +112,10 @@ def prepare_injection(raft: nn.Module, image1: Tensor, image2: Tensor) -> RaftIn
     context_out = model.context_encoder(image1)
     hidden_size = model.update_block.hidden_state_size
     hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
-    coords0 = coords_grid(batch, height // 8, width // 8, dtype=fmap1.dtype, device=fmap1.device)
+    # The grid (and so the flow state) is at least float32, as in RAFT: under bf16 autocast the features are bf16,
+    # whose 8-bit mantissa cannot hold sub-pixel coordinates.
+    grid_dtype = torch.promote_types(fmap1.dtype, torch.float32)
+    coords0 = coords_grid(batch, height // 8, width // 8, dtype=grid_dtype, device=fmap1.device)
     return RaftInjection(pyramid, F.relu(context), coords0, torch.tanh(hidden), int(model.corr_block.radius))
 
 
