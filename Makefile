@@ -20,8 +20,9 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
+# The main job: torchvision's raft_small converted into DEQ-Flow, trained briefly on synthetic flow (CPU, minutes).
 demo: $(STAMP)
-	$(PY) -m implicit.demo
+	$(PY) -m integrations.flow demo --out flow_demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

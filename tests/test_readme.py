@@ -45,3 +45,15 @@ def test_adapter_examples_run_and_assert_what_they_say():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["flow"].shape == (1, 2, 128, 160)
+
+
+def test_deq_flow_example_runs_as_written():
+    pytest.importorskip("torchvision")
+    blocks = _section_blocks("## Convert RAFT into DEQ-Flow")
+    assert len(blocks) == 1
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    model = namespace["model"]
+    assert model.eval_max_iter == 36 and model.checkpoint_encoders
+    assert all(p.grad is not None for p in model.update_block.parameters())

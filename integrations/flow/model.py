@@ -134,7 +134,7 @@ class DEQFlow(RAFT):
         state: RaftState = self.deq.initial_state(injection)
         return state
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         image1: Tensor,
         image2: Tensor,
