@@ -92,3 +92,53 @@ def test_distributed_gradients_match_single_process(tmp_path, wrapper):
     (sum(losses) / 2).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- DEQ-Flow under DDP
+def _flow_model() -> nn.Module:
+    from torchvision.models.optical_flow import raft_small
+
+    from integrations.flow import raft_to_deq_flow
+
+    torch.manual_seed(0)
+    return raft_to_deq_flow(raft_small(), max_iter=3, correction=2, tol=0.0).train()
+
+
+def _flow_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    image1 = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    return image1, image1.roll(3, dims=-1)
+
+
+def _flow_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(_flow_model())
+        image1, image2 = (t.chunk(world)[rank] for t in _flow_pairs())
+        sum(flow.abs().mean() for flow in model(image1, image2)).backward()
+        if rank == 0:
+            torch.save({name.removeprefix("module."): p.grad for name, p in model.named_parameters()}, out)
+        dist.barrier()
+        del model
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_deq_flow_under_ddp_matches_single_process(tmp_path):
+    """DEQ-Flow's implicit layer sits outside the module tree (its block refers back to the model); DDP still sees
+    every parameter and averages the right gradients."""
+    pytest.importorskip("torchvision")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_flow_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    ddp_grads = torch.load(out)
+
+    model = _flow_model()
+    pairs = [t.chunk(2) for t in _flow_pairs()]
+    losses = [sum(flow.abs().mean() for flow in model(a, b)) for a, b in zip(*pairs)]
+    (sum(losses) / 2).backward()
+    assert set(ddp_grads) == {name for name, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-7)

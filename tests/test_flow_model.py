@@ -224,3 +224,30 @@ def test_warm_start_from_the_previous_pair_lowers_the_iterations_to_a_tolerance(
         _, warm = model(video[1], video[2], return_info=True, warm_start=first.state)
     assert first.forward.converged.all() and cold.forward.converged.all() and warm.forward.converged.all()
     assert warm.forward.nfe < cold.forward.nfe
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("build", ["raft_small", "raft_large"])
+def test_cuda_parity_and_training_step(build):
+    """On the GPU: RAFT's N updates (float32), a training step with checkpointed encoders, bf16 autocast."""
+    torch.manual_seed(0)
+    raft = getattr(optical_flow, build)().cuda().eval()
+    model = raft_to_deq_flow(raft, **_naive(6))
+    image1, image2 = (t.cuda() for t in _images(128, 160, batch=2))
+    with torch.no_grad():
+        reference = raft(image1, image2, num_flow_updates=6)[-1]
+        (flow,) = model.eval()(image1, image2)
+    assert float((flow - reference).abs().max()) <= 1e-3  # cuDNN convolutions differ from the CPU's in rounding
+
+    trained = raft_to_deq_flow(raft, max_iter=8, correction=2, checkpoint_encoders=True).train()
+    for autocast in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            flows = trained(image1, image2)
+            loss = sum(f.float().abs().mean() for f in flows)
+        loss.backward()
+        assert all(torch.isfinite(f).all() for f in flows)
+        assert all(p.grad is not None for p in trained.update_block.parameters())
