@@ -54,6 +54,7 @@ import implicit
 from .solver_overhead import (
     Timing,
     count_vjps,
+    cpu_name,
     fmt,
     gc_paused,
     make_tol_problem,
@@ -127,15 +128,9 @@ def rel_error(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> float:
 
 
 def environment_lines(prog: str, argv: list[str], extra: str) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return [
         f"- date (UTC): {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}; torch-implicit {implicit.__version__}, "
         f"{source_state()}",
         f"- command: `{shlex.join(['python', '-m', prog, *argv])}`",

@@ -905,19 +905,29 @@ def environment(args: argparse.Namespace, device: torch.device, peer_status: str
     ]
 
 
-def source_state() -> str:
-    """The checked-out commit, and whether ``implicit/`` has uncommitted changes (the engine measured)."""
+def source_state(paths: tuple[str, ...] = ("implicit",)) -> str:
+    """The checked-out commit, and which files under ``paths`` (the code measured) differ from it."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "implicit"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
+            ["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return f"commit {head}" + (" + uncommitted changes in implicit/" if dirty else "")
+    changed = sorted({line[3:] for line in dirty.splitlines()})
+    return f"commit {head}" + (f" + uncommitted: {', '.join(changed)}" if changed else "")
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from .data import AUGMENTATION_PRESETS, flow_dataset
 from .metrics import endpoint_error
 from .model import DEQFlow
-from .train import MODELS, Run, TrainConfig, budget_table, pairs_in, predict, train, write_history
+from .train import MODELS, Run, TrainConfig, budget_table, evaluate, pairs_in, predict, train, write_history
 from .visualize import save_curves, save_flow_figure, save_residual_curves
 
 
@@ -270,8 +270,7 @@ def demo_command(args: argparse.Namespace) -> Run:
     )
     val_set = flow_dataset(config.data, split="val", size=config.size)
     zero = flow_metrics_of_zero(val_set, config.val_pairs)
-    before = run.validate(val_set)
-    run.validations.clear()
+    before = evaluate(model, val_set, pairs=config.val_pairs, batch_size=config.batch_size, device=config.device)
     before_pictures = snapshot(model, val_set, device=config.device)
     print(
         f"before training ({config.val_pairs} validation pairs, eval budget {model.eval_max_iter} iterations): "
