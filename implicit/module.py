@@ -23,7 +23,6 @@ from .dropout import implicit_call
 from .options import ImplicitOptions, check_flag, resolve_options
 from .problem import Problem, report_divergence
 from .pytree import StateLayout, all_finite, tree_map, tree_tensors
-from .regularization import jacobian_frobenius
 from .result import ImplicitInfo
 from .types import State
 
@@ -44,7 +43,8 @@ def equilibrium(
     The functional form of every implicit layer. ``z0`` fixes the state structure: a tensor or a nested
     tuple/list/dict of tensors with a shared leading batch dimension; ``f`` must return the same structure, shapes
     and dtypes. ``x`` is passed to ``f`` untouched (any object; its tensors are checked for non-finite values).
-    With ``correction`` set, the first element is a list of states (earliest first, the last is z*).
+    With ``correction`` set, the first element is a list of states (earliest first, the last is z*), in training and
+    evaluation alike (a layer in ``eval()`` mode drops the correction; this function does as it is told).
     ``solver_state`` is handed to the forward solver (e.g. ``{"opa_direction": d}`` for adjoint Broyden's OPA
     updates, ``d`` flat ``(B, N)``).
     """
@@ -86,13 +86,19 @@ def solve_equilibrium(
     result = options.forward_solve.run(fn, start, **changes)
     report_divergence(result, "forward", options.on_divergence)
     info = ImplicitInfo(forward=result, backward_mode=mode.name, layout=layout)
+    regularizer = options.jacobian_regularizer
+    if regularizer is not None and not _draw(options.jac_loss_prob):
+        regularizer = None
+    # The mode's tracked call f(z*) serves the regulariser too when it is one from a z* that requires grad.
     if steps is None:
-        out: Any = layout.unflatten(mode.attach(problem, result, info))
+        out: Any = layout.unflatten(mode.attach(problem, result, info, regularizer=regularizer))
     else:  # the supervised intermediate states (each its own gradient), then z*
         states = [options.correction_mode.attach(problem, result, info, z=s) for s in result.trajectory[:-1]]
-        out = [layout.unflatten(s) for s in (*states, mode.attach(problem, result, info))]
-    if options.jac_loss_probes and _draw(options.jac_loss_prob):
-        info.jac_loss = jacobian_frobenius(fn, result.z, probes=options.jac_loss_probes, probe=options.jac_loss_probe)
+        final = mode.attach(problem, result, info, regularizer=regularizer)
+        out = [layout.unflatten(s) for s in (*states, final)]
+    if regularizer is not None and info.jac_loss is None:  # no tracked call to share: one of its own
+        info.jac_loss = regularizer(fn, result.z)
+        info.tracked_nfe += 1
     return out, info
 
 
@@ -175,11 +181,18 @@ class ImplicitMixin(nn.Module):
 
         Returns:
             z* with the state's structure, or ``(z*, info)`` with ``return_info=True``. ``self.last_info`` holds the
-            info of the latest call; ``info.backward`` is filled when autograd runs this call's backward.
+            info of the latest call; ``info.backward`` is filled when autograd runs this call's backward. With
+            ``correction``: in training mode the list of supervised states (earliest first, the last is z*); in
+            ``eval()`` mode z* alone, solved without recording the trajectory (as DEQ-Flow and TorchDEQ do).
         """
         options = self.implicit_options
         return_info = overrides.pop("return_info", options.return_info)
         check_flag("return_info", return_info)
+        if not self.training:
+            # Eval: z* alone, without the correction states, dropped before the overrides (which may lower max_iter
+            # below a supervised step).
+            options = options.without_correction  # built once per options object
+            overrides.pop("correction", None)
         if overrides:
             options = resolve_options(options, overrides)
         if z0 is None:

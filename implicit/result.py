@@ -28,6 +28,8 @@ class SolverResult:
         nfe: f-evaluations of the whole batched solve.
         converged: ``(B,)`` residual of ``z`` ≤ tol in the stopping mode.
         diverged: ``(B,)`` a non-finite or exploding residual stopped the sample; ``z`` is its last finite best.
+        stalled: ``(B,)`` the stagnation rule (``stagnation=(window, factor)``) stopped the sample: its best residual,
+            above tol, had improved by less than ``factor`` over ``window`` iterations (all False without the rule).
         trace: ``(C, B)`` residual (stopping mode) of the iterate measured at each check.
         trace_nfe: f-evaluation count at each check (length C).
         stop_mode, tol: the stopping rule used.
@@ -43,6 +45,7 @@ class SolverResult:
     nfe: int
     converged: Tensor
     diverged: Tensor
+    stalled: Tensor
     trace: Tensor
     trace_nfe: list[int]
     stop_mode: str
@@ -57,17 +60,21 @@ class SolverResult:
 
     @property
     def status(self) -> str:
-        """Human-readable summary, e.g. ``"converged (8/8)"`` or ``"3/8 converged, 1 diverged, 4 at max_iter"``."""
+        """Human-readable summary, e.g. ``"converged (8/8)"`` or ``"3/8 converged, 1 diverged (...), 2 stalled (...),
+        2 stopped at the iteration budget"``."""
         b = self.converged.numel()
         conv = int(self.converged.sum())
         div = int(self.diverged.sum())
+        stall = int(self.stalled.sum())
         if conv == b:
             return f"converged ({b}/{b})"
         parts = [f"{conv}/{b} converged"]
         if div:
             parts.append(f"{div} diverged (non-finite or exploding residual)")
-        if b - conv - div:
-            parts.append(f"{b - conv - div} stopped at the iteration budget")
+        if stall:
+            parts.append(f"{stall} stalled (the best residual stopped improving: stagnation rule)")
+        if b - conv - div - stall:
+            parts.append(f"{b - conv - div - stall} stopped at the iteration budget")
         return ", ".join(parts)
 
     def __repr__(self) -> str:
@@ -88,7 +95,8 @@ class ImplicitInfo:
         backward: the backward linear solve (``"implicit"``; ``"shine"`` with refinement or exact fallback), filled in
             when autograd runs this call's backward; ``None`` otherwise.
         tracked_nfe: f-evaluations recorded by autograd in the forward pass, beyond the solve (1 for one tracked
-            call ``f(z*)``, k for the k-step unrolled phantom gradient, one more per correction state).
+            call ``f(z*)``, k for the k-step unrolled phantom gradient, one more per correction state, one more for
+            the Jacobian regulariser's own call when it cannot share the mode's tracked call ``f(z*)``).
         backward_vjps: vector-Jacobian products of f spent in the backward pass beyond the one through the tracked
             computation (0 before backward and for one-step / unrolled phantom).
         jac_loss: Hutchinson estimate of ``‖∂f/∂z‖_F² / N`` at z* (batch mean), when Jacobian regularisation ran

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from ..graph import depends_on_more_than
 from ..problem import Problem
 from ..registry import Configurable
+from ..regularization import JacobianRegularizer
 from ..result import ImplicitInfo, SolverResult
 
 
@@ -92,12 +93,40 @@ class BackwardMode(Configurable):
         """Why this configuration's gradient is approximate (``None`` when it is exact)."""
         return None if self.exact else self.approximates
 
-    def attach(self, problem: Problem, result: SolverResult, info: ImplicitInfo, z: Tensor | None = None) -> Tensor:
-        """The state ``z`` (default ``result.z``, ``(B, N)``) carrying this mode's gradient when autograd needs one."""
+    @property
+    def tracks_one_call(self) -> bool:
+        """Whether the tracked computation is one call ``out = f(z*)`` (the default :meth:`track`): Jacobian
+        regularisation then takes its vector-Jacobian products through that call, recorded from a z* that requires
+        grad, instead of calling f again. A mode overriding :meth:`track` says whether it still does by overriding
+        this."""
+        return type(self).track is BackwardMode.track
+
+    def attach(
+        self,
+        problem: Problem,
+        result: SolverResult,
+        info: ImplicitInfo,
+        z: Tensor | None = None,
+        *,
+        regularizer: JacobianRegularizer | None = None,
+    ) -> Tensor:
+        """The state ``z`` (default ``result.z``, ``(B, N)``) carrying this mode's gradient when autograd needs one.
+
+        With ``regularizer`` (this call's Jacobian regularisation) and a mode that :attr:`tracks_one_call`, the call
+        is recorded from a z* that requires grad (also when the mode needs no vector-Jacobian products: its backward
+        then computes an unused gradient w.r.t. z*, cheaper than a call of f of its own) and the regulariser's
+        estimate taken from it, in ``info.jac_loss`` (one f-evaluation fewer); otherwise ``info.jac_loss`` is left to
+        the caller.
+        """
         z_star = result.z if z is None else z
         if not torch.is_grad_enabled():
             return z_star
-        tracked = self.track(problem, z_star.detach(), result, info)
+        if regularizer is not None and self.tracks_one_call:
+            with regularizer.recording():  # the call is differentiated twice: attention without fused kernels
+                tracked = self.track(problem, z_star.detach().requires_grad_(), result, info)
+            info.jac_loss = regularizer.from_call(tracked.z, tracked.out)
+        else:
+            tracked = self.track(problem, z_star.detach(), result, info)
         out = tracked.out
         if not (out.requires_grad and depends_on_more_than(out, tracked.z)):
             if not problem.z0.requires_grad:

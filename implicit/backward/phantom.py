@@ -45,6 +45,10 @@ class Phantom(BackwardMode):
         self.steps, self.tau, self.variant = steps, float(tau), variant
         self.needs_vjp = variant == "neumann"
 
+    @property
+    def tracks_one_call(self) -> bool:
+        return self.variant == "neumann"  # the default track; the unrolled variant tracks k damped steps
+
     def track(self, problem: Problem, z_star: Tensor, result: SolverResult, info: ImplicitInfo) -> Tracked:
         if self.variant == "neumann":
             return super().track(problem, z_star, result, info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..problem import Problem
+from ..regularization import JacobianRegularizer
 from ..result import ImplicitInfo, SolverResult
 from .base import BackwardMode
 
@@ -25,5 +26,17 @@ class Unrolled(BackwardMode):
     def __init__(self) -> None:
         pass
 
-    def attach(self, problem: Problem, result: SolverResult, info: ImplicitInfo, z: Tensor | None = None) -> Tensor:
-        return result.z if z is None else z  # the iterations' graph is the gradient
+    @property
+    def tracks_one_call(self) -> bool:
+        return False  # no tracked computation: the iterations' graph is the gradient
+
+    def attach(
+        self,
+        problem: Problem,
+        result: SolverResult,
+        info: ImplicitInfo,
+        z: Tensor | None = None,
+        *,
+        regularizer: JacobianRegularizer | None = None,
+    ) -> Tensor:
+        return result.z if z is None else z  # the iterations' graph is the gradient; no tracked call to share

@@ -14,6 +14,11 @@ Loop contract:
   exceeds ``explode`` times its first measured absolute residual (the "protective break" of Bai et al., "Deep
   Equilibrium Models", NeurIPS 2019). Its returned point then never changes. Every sample still goes through ``fn``
   (shapes never change); what it computes is ignored.
+* optionally (``stagnation=(window, factor)``, off by default) a sample also stops, as *stalled*, at a check where its
+  best residual has improved by less than ``factor`` over the last ``window`` iterations (best residual then < factor ×
+  best residual now): a budget is not burned on a sample that cannot converge (e.g. a residual floor set by bf16
+  arithmetic). The published rule of TorchDEQ's Broyden solver (Geng and Kolter, "TorchDEQ: A Library for Deep
+  Equilibrium Models", arXiv:2310.18605) is of this kind: after 30 steps, residuals within a factor 1.3 of each other.
 * the host reads a device value only at checks (``active.any()``), i.e. once per ``check_every`` iterations.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -114,6 +120,24 @@ class Solver(Configurable):
             )
 
 
+def check_stagnation(value: Any) -> tuple[int, float] | None:
+    """The ``stagnation`` setting normalised to ``(window, factor)`` (``None``: off); ``ValueError`` naming the problem.
+
+    ``window``: an integer ≥ 1 (iterations, i.e. f-evaluations); ``factor``: a finite number > 1 (a sample whose best
+    residual has improved by less than this factor over the window stops as stalled).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"option stagnation must be None (off) or a pair (window, factor), got {value!r}")
+    window, factor = value
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"option stagnation: the window must be an integer ≥ 1 (iterations), got {window!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 1:
+        raise ValueError(f"option stagnation: the factor must be a finite number > 1, got {factor!r}")
+    return (window, float(factor))
+
+
 #: A rule of where a solver class may be used: ``None`` when it may, else the reason it may not.
 SolverRule = Callable[[type[Solver]], "str | None"]
 
@@ -168,6 +192,9 @@ class Loop:
             there); steps after the solve stopped record the final best. Returned in ``result.trajectory``.
         initial_active: ``(B,)`` bool; samples marked False are measured at ``z0`` and never moved.
         state: warm-start state for the solver's internals (see :meth:`Solver.start`).
+        stagnation: ``(window, factor)`` or ``None`` (off): a sample also stops, reported as stalled, at a check where
+            its best residual has improved by less than ``factor`` over the last ``window`` iterations (f-evaluations;
+            between checks, so at least ``window``). Validated here (:func:`check_stagnation`).
     """
 
     tol: float
@@ -179,6 +206,11 @@ class Loop:
     record_at: Sequence[int] = ()
     initial_active: Tensor | None = None
     state: dict[str, Any] | None = None
+    stagnation: tuple[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stagnation is not None:
+            object.__setattr__(self, "stagnation", check_stagnation(self.stagnation))
 
     def replace(self, **changes: Any) -> Loop:
         """A copy with ``changes`` (``self`` when there are none)."""
@@ -187,7 +219,12 @@ class Loop:
     def monitor(self, z0: Tensor) -> Monitor:
         """The per-sample bookkeeping of a solve from ``z0`` under this loop's stopping rule."""
         return Monitor(
-            z0, tol=self.tol, stop_mode=self.stop_mode, explode=self.explode, initial_active=self.initial_active
+            z0,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            explode=self.explode,
+            initial_active=self.initial_active,
+            stagnation=self.stagnation,
         )
 
 
@@ -239,12 +276,15 @@ def _constants(dtype: torch.dtype, n: int, tol: float, explode: float) -> _Const
 
 class Monitor:
     """Per-sample bookkeeping shared by every solver loop: residuals of measured points, the best iterate, stopping
-    (converged / diverged) and the trace. Everything stays on the device; :meth:`any_active` is the only host read.
+    (converged / diverged / stalled) and the trace. Everything stays on the device; :meth:`any_active` is the only host
+    read.
 
     Args:
         z0: ``(B, N)`` starting point (the best iterate until a measured point beats it).
         tol, stop_mode, explode: the stopping rule (see :func:`iterate`).
         initial_active: ``(B,)`` bool; samples marked False are measured once, then never updated.
+        stagnation: ``(window, factor)`` (validated, see :class:`Loop`) or ``None``: stop a sample, as stalled, once
+            its best residual has improved by less than ``factor`` over the last ``window`` f-evaluations.
     """
 
     def __init__(
@@ -255,6 +295,7 @@ class Monitor:
         stop_mode: str,
         explode: float = 1e6,
         initial_active: Tensor | None = None,
+        stagnation: tuple[int, float] | None = None,
     ) -> None:
         n = z0.shape[1]
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
@@ -265,10 +306,14 @@ class Monitor:
         self.initial_active = initial_active
         self.trace: list[Tensor] = []
         self.trace_nfe: list[int] = []
+        self.stagnation = stagnation
+        # (f-evaluation count, best residual) at the observations of the last stagnation window, oldest first.
+        self.history: deque[tuple[int, Tensor]] = deque()
         # Set by the first observation, which measures z0: per sample, of the best iterate, ‖f(z) − z‖, ‖f(z)‖ + eps
         # (kept in the abs stopping mode, for the relative residual at the end) and the residual in the stopping
         # mode; the explosion limit; the active mask; the f-evaluations spent while active.
         self.best_g = self.best_f = self.best_r = self.limit = self.active = self.nstep = z0.new_empty(0)
+        self.stalled: Tensor | None = None  # (B,) bool, samples stopped by the stagnation rule (with the rule only)
 
     def _residual(self, gnorm: Tensor, fnorm: Tensor) -> Tensor:
         """The residual in the stopping mode from ``‖f(z) − z‖`` and ``‖f(z)‖ + eps``."""
@@ -297,10 +342,27 @@ class Monitor:
             keep = (gnorm <= self.limit) & active
             if self.tol > 0 and not last:
                 keep = keep & (self.best_r > self.tol_t)
+            if self.stagnation is not None and not last:
+                keep = self._stop_stalled(keep, nfe, *self.stagnation)
             self.nstep.add_(active, alpha=nfe - self.trace_nfe[-1])
         self.active = keep
         self.trace.append(r.detach() if r.requires_grad else r)
         self.trace_nfe.append(nfe)
+
+    def _stop_stalled(self, keep: Tensor, nfe: int, window: int, factor: float) -> Tensor:
+        """``keep`` less the samples whose best residual improved by less than ``factor`` over the last ``window``
+        f-evaluations (``nfe`` so far); records this observation's best residuals. Device arithmetic only: the
+        observation a window ago is found from host counts."""
+        history, start = self.history, nfe - window
+        while len(history) > 1 and history[1][0] <= start:  # keep the latest observation at least a window ago
+            history.popleft()
+        best = self.best_r.detach()
+        if history and history[0][0] <= start:
+            stalled = keep & (history[0][1] < best * factor)  # improved by less than the factor (False for a 0 best)
+            self.stalled = stalled if self.stalled is None else self.stalled | stalled
+            keep = keep & ~stalled
+        history.append((nfe, best))
+        return keep
 
     def _first(self, gnorm: Tensor, fnorm: Tensor, r: Tensor, nfe: int) -> Tensor:
         """The first measurement (of z0, every sample active): it is the best so far, sets the explosion limit
@@ -316,6 +378,8 @@ class Monitor:
         if self.initial_active is not None:
             keep = keep & self.initial_active
         self.nstep = torch.full_like(gnorm, nfe, dtype=torch.long)
+        if self.stagnation is not None:
+            self.history.append((nfe, r.detach()))
         return keep
 
     def any_active(self) -> bool:
@@ -326,8 +390,10 @@ class Monitor:
         if not self.trace:
             raise RuntimeError("Monitor.result needs at least one observation (of z0)")
         converged = self.best_r <= self.tol_t if self.tol > 0 else self.best_r == 0
-        # Stopped, not converged and not frozen from the start: a non-finite or exploding residual stopped it.
-        diverged = ~(self.active | converged)
+        stalled = torch.zeros_like(converged) if self.stalled is None else self.stalled
+        # Stopped, not converged, not stalled and not frozen from the start: a non-finite or exploding residual
+        # stopped it.
+        diverged = ~(self.active | converged | stalled)
         if self.initial_active is not None:
             diverged = diverged & self.initial_active
         if self.use_rel:
@@ -342,6 +408,7 @@ class Monitor:
             nfe=nfe,
             converged=converged,
             diverged=diverged,
+            stalled=stalled,
             trace=torch.stack(self.trace),
             trace_nfe=self.trace_nfe,
             stop_mode=self.stop_mode,
