@@ -9,6 +9,7 @@ from torch import nn
 
 import implicit
 from implicit.testing import assert_gradients, check_gradients
+from implicit.testing.check import NO_GRADIENT, NOT_USED
 
 WIDTH = 6
 
@@ -139,6 +140,97 @@ def test_wrong_sign_for_one_parameter_fails_naming_it():
 def test_detached_injection_fails_naming_it():
     report = check_gradients(DetachedInjection(), _x())
     assert {c.tensor for c in report.failures} == {"x"}
+
+
+class HeldAttribute(Tanh):
+    """Holds ``shift``, a tensor that requires grad, as a plain attribute (not a parameter); uses it through
+    ``.detach()`` (``use=True``) or not at all."""
+
+    def __init__(self, use: bool) -> None:
+        super().__init__()
+        self.shift = torch.linspace(-0.2, 0.2, WIDTH).requires_grad_()
+        self.use = use
+
+    def forward(self, z, x):
+        out = z @ self.W.T + x + self.b
+        return torch.tanh(out + self.shift.detach() if self.use else out)
+
+
+def _held_rows(report, name: str) -> list:
+    return [c for c in report.checks if c.tensor == name]
+
+
+def test_a_detached_attribute_that_requires_grad_fails_naming_it():
+    report = check_gradients(HeldAttribute(use=True), _x())
+    assert [(c.tensor, c.kind, c.reference, c.status, c.worst) for c in report.failures] == [
+        ("block.shift", "closure", "finite_differences", "FAIL", NO_GRADIENT)
+    ]
+    # The derivative of f along a unit direction d of shift is ‖(1 − f²) ⊙ d‖ over the batch: of order one, far
+    # above the round-off bound.
+    (row,) = report.failures
+    assert 0.05 < row.value < 2.0 and row.tolerance < 1e-6
+    with pytest.raises(AssertionError, match=r"block\.shift .*requires grad but receives no gradient"):
+        assert_gradients(HeldAttribute(use=True), _x())
+
+
+def test_an_unused_attribute_that_requires_grad_is_listed_as_not_used_and_passes():
+    block = HeldAttribute(use=False)
+    report = assert_gradients(block, _x())
+    (row,) = _held_rows(report, "block.shift")
+    assert (row.kind, row.status, row.value, row.worst) == ("closure", "not used", 0.0, NOT_USED)
+    assert "not used" in report.table() and len(report.checks) == 10  # 3 tensors × 3 references + this row
+    assert block.shift.grad is None
+
+
+def _function_block(use: bool, shift: torch.Tensor):
+    """A function block ``f(z, x) = tanh(z Wᵀ + x [+ shift.detach()])`` closing over ``W`` (no grad) and ``shift``."""
+    W = make_weight(WIDTH, 0.8, "gauss", gen(0))
+
+    def f(z, x):
+        out = z @ W.T + x
+        return torch.tanh(out + shift.detach() if use else out)
+
+    return f
+
+
+def test_a_detached_closure_cell_of_a_function_block_fails_with_the_exact_change():
+    shift = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    f = _function_block(True, shift)
+    report = check_gradients(f, _x())
+    assert [(c.tensor, c.kind, c.status, c.worst) for c in report.failures] == [
+        ("closure shift", "closure", "FAIL", NO_GRADIENT)
+    ]
+    # A scalar: d = ±1 and the change is ‖∂f/∂shift‖ = ‖1 − f(z*)²‖ at the equilibrium, to the differences' O(h²).
+    z = torch.zeros(3, WIDTH, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(300):
+            z = f(z, _x().double())
+    expected = float(torch.linalg.vector_norm(1 - f(z, _x().double()).detach() ** 2))
+    (row,) = report.failures
+    assert row.value == pytest.approx(expected, rel=1e-8)
+    # The user's tensor, perturbed during the check, is restored and given no gradient.
+    assert float(shift.detach()) == 0.3 and shift.grad is None
+
+
+def test_an_unused_closure_cell_of_a_function_block_is_not_used_and_passes():
+    shift = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    report = assert_gradients(_function_block(False, shift), _x())
+    (row,) = _held_rows(report, "closure shift")
+    assert (row.status, row.value, row.worst) == ("not used", 0.0, NOT_USED)
+
+
+def test_a_closure_cell_reaching_the_graph_is_checked_under_its_name():
+    shift = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    W = make_weight(WIDTH, 0.8, "gauss", gen(0))
+    report = assert_gradients(lambda z, x: torch.tanh(z @ W.T + x + shift), _x())
+    rows = _held_rows(report, "closure shift")
+    assert [c.reference for c in rows] == ["unrolled", "finite_differences", "gradcheck"]
+    assert rows[0].value < 1e-9 and rows[1].value < 1e-6 and rows[2].status == "skip"
+
+
+def test_a_target_that_is_neither_a_module_nor_a_function_is_rejected():
+    with pytest.raises(TypeError, match="a function f"):
+        check_gradients("Block", _x())
 
 
 def test_truncated_backward_solve_on_a_slowly_contracting_block_fails():

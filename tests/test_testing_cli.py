@@ -43,6 +43,20 @@ def broken(seed):
     return Block(broken=True), torch.randn(2, 4)
 
 
+class Detached(Block):  # holds offset, which requires grad, as a plain attribute and uses it detached
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.full((4,), 0.1, requires_grad=True)
+
+    def forward(self, z, x):
+        return super().forward(z, x + self.offset.detach())
+
+
+def detached(seed):
+    return Detached(), torch.randn(2, 4)
+
+
 def raises():
     raise RuntimeError("no weights on disk")
 
@@ -97,6 +111,16 @@ def test_broken_factory_exits_1_naming_the_parameter(factories):
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("FAILED: 1 of 1 example(s)") and "block.linear.weight" in summary
     assert summary.endswith(" s")
+
+
+def test_a_detached_tensor_that_requires_grad_is_named_and_fails_the_command(factories):
+    result = run_command(factories, "deq_factories:detached", "--examples", "1", "--references", "unrolled")
+    assert result.returncode == 1, result.stdout + result.stderr
+    failing = [line for line in result.stdout.splitlines() if " FAIL " in line]
+    assert len(failing) == 1 and failing[0].startswith("block.offset ")
+    assert failing[0].endswith("requires grad but receives no gradient; the block's output changes with it")
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("FAILED: 1 of 1 example(s); failing: block.offset (finite_differences)")
 
 
 def test_bad_module_path_exits_2(factories):

@@ -9,9 +9,10 @@ shows up as a gradient error, as it would in training.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import pytree
+from ..dropout import implicit_call
 from ..graph import graph_leaves
 from ..module import ImplicitMixin, make_implicit
 from ..options import ImplicitOptions
@@ -29,6 +31,9 @@ REFERENCES = ("unrolled", "finite_differences", "gradcheck")
 # A gradient counts as zero when its norm is below this many machine epsilons (or solve tolerances, when larger) of
 # the largest gradient checked.
 _ROUNDOFF = 1e3
+# What a tensor that requires grad but receives none is told, by whether the block's output changes with it.
+NO_GRADIENT = "requires grad but receives no gradient; the block's output changes with it"
+NOT_USED = "requires grad, receives no gradient, and the block's output does not change with it"
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Check:
     metric: str
     value: float
     tolerance: float
-    status: str  # "pass", "FAIL" or "skip"
+    status: str  # "pass", "FAIL", "skip" or "not used"
     worst: str = ""
 
     @property
@@ -76,7 +81,7 @@ class GradientReport:
             lines.append(f"approximate mode: {self.reason}")
         header = ("tensor", "kind", "reference", "metric", "value", "tolerance", "status", "worst entry")
         rows = [header] + [
-            (c.tensor, c.kind, c.reference, c.metric, _fmt(c.value), _fmt(c.tolerance), c.status, c.worst)
+            (c.tensor, c.kind, c.reference, c.metric, _fmt(c.value, c.failed), _fmt(c.tolerance), c.status, c.worst)
             for c in self.checks
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -89,8 +94,11 @@ class GradientReport:
         return self.table()
 
 
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2e}"
+def _fmt(value: float, failed: bool = False) -> str:
+    """A number for the table: ``-`` for the NaN of a skipped check, ``nan`` for a measured NaN (a failure)."""
+    if math.isnan(value):
+        return "nan" if failed else "-"
+    return f"{value:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------------ preparation
@@ -100,6 +108,18 @@ def _is_approximate(options: ImplicitOptions) -> tuple[bool, str]:
     return (False, "") if reason is None else (True, reason + "; compared by cosine")
 
 
+class FunctionBlock(nn.Module):
+    """A plain function ``f(z, x) -> z`` as a block (what :func:`check_gradients` wraps a function target in). The
+    function is held, not copied: the tensors it closes over are the caller's."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: Any, x: Any) -> Any:
+        return self.fn(z, x)
+
+
 def _prepare_layer(target: Any, dtype: torch.dtype | None, options: dict[str, Any]) -> ImplicitMixin:
     if isinstance(target, ImplicitMixin):
         layer = copy.deepcopy(target)
@@ -107,8 +127,13 @@ def _prepare_layer(target: Any, dtype: torch.dtype | None, options: dict[str, An
             layer.configure(**options)
     elif isinstance(target, nn.Module):
         layer = make_implicit(copy.deepcopy(target), **options)
+    elif inspect.isfunction(target):
+        layer = make_implicit(FunctionBlock(target), **options)
     else:
-        raise TypeError(f"check_gradients takes an implicit layer or a block nn.Module, got {type(target).__name__}")
+        raise TypeError(
+            "check_gradients takes an implicit layer, a block nn.Module or a function f(z, x), got "
+            f"{type(target).__name__}"
+        )
     if dtype is not None:
         layer.to(dtype)
     return layer
@@ -129,9 +154,71 @@ def _leaves(tree: Any, prefix: str) -> list[tuple[str, Tensor]]:
     return [(prefix + pytree.keystr(path), leaf) for path, leaf in paths if isinstance(leaf, Tensor)]
 
 
+# The attributes every nn.Module has (parameter, buffer, submodule and hook tables): not the user's tensors.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _functions(module: nn.Module) -> Iterator[Callable[..., Any]]:
+    """The Python functions a module runs that can hold tensors: its ``forward`` (for the globals it names) and the
+    functions held as its attributes (e.g. a :class:`FunctionBlock`'s)."""
+    forward = vars(module).get("forward", getattr(type(module), "forward", None))
+    if inspect.isfunction(forward) and forward is not nn.Module.forward:
+        yield forward
+    for value in vars(module).values():
+        if inspect.isfunction(value) and value is not forward:
+            yield value
+
+
+def _function_tensors(fn: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of what a function holds: its closure cells, argument defaults and the globals it names."""
+    code = fn.__code__
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            yield name, cell.cell_contents
+        except ValueError:  # an empty cell (a variable not assigned yet)
+            continue
+    defaults = fn.__defaults__ or ()
+    positional = code.co_varnames[: code.co_argcount]
+    yield from zip(positional[len(positional) - len(defaults) :], defaults)
+    yield from (fn.__kwdefaults__ or {}).items()
+    for name in code.co_names:
+        if name in fn.__globals__:
+            yield name, fn.__globals__[name]
+
+
+def held_tensors(layer: nn.Module) -> dict[int, tuple[str, Tensor]]:
+    """The tensors a block holds besides its parameters, by ``id``: ``(name, tensor)``.
+
+    Found: plain module attributes and buffers (named by their path in the layer, e.g. ``block.scale``, with the
+    index of a tensor inside a list / tuple / dict attribute), and the closure cells, argument defaults and named
+    globals of the functions the block runs — its modules' ``forward`` and functions held as attributes, such as a
+    function block (named ``closure NAME``). Tensors reached only through other calls are not found here; those
+    that reach the autograd graph are still checked, as ``closure (shape) #i``.
+    """
+    held: dict[int, tuple[str, Tensor]] = {}
+
+    def add(name: str, value: Any) -> None:
+        if not isinstance(value, (Tensor, list, tuple, dict)):
+            return
+        for path, leaf in _leaves(value, name):
+            held.setdefault(id(leaf), (path, leaf))
+
+    for prefix, module in layer.named_modules():
+        dot = prefix + "." if prefix else ""
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS:
+                add(dot + name, value)
+        for name, buffer in module.named_buffers(recurse=False):
+            add(dot + name, buffer)
+        for fn in _functions(module):
+            for name, value in _function_tensors(fn):
+                add(f"closure {name}", value)
+    return held
+
+
 # ------------------------------------------------------------------------------------------------------ the check
 def check_gradients(
-    target: nn.Module,
+    target: nn.Module | Callable[[Any, Any], Any],
     x: Any,
     *,
     z0: Any = None,
@@ -151,11 +238,14 @@ def check_gradients(
 
     Checked: every parameter that requires grad, every floating-point leaf of the injection ``x`` and every other
     leaf tensor requiring grad that the block reaches (closed-over tensors), for the loss ``ℓ = Σ c ⊙ z*`` with a
-    random cotangent c.
+    random cotangent c. A leaf tensor requiring grad that the block holds (a module attribute, a closure cell of a
+    function block; see :func:`held_tensors`) but that never reaches the autograd graph — the block detaches it or
+    does not use it — is listed too, whatever the references: status ``FAIL`` (:data:`NO_GRADIENT`) when central
+    differences of the block's output at z* along random directions change with it, ``not used`` when they do not.
 
     Args:
-        target: an implicit layer (``make_implicit`` result or decorated class instance) or a plain block
-            ``f(z, x)``; ``options`` configure the copy (e.g. ``backward="phantom"``).
+        target: an implicit layer (``make_implicit`` result or decorated class instance), a plain block module or a
+            function ``f(z, x)``; ``options`` configure the copy (e.g. ``backward="phantom"``).
         x, z0: the injection and (optional) initial state of the example.
         references: any of ``"unrolled"`` (autograd through plain iteration run until its residual is at round-off;
             skipped when plain iteration does not converge), ``"finite_differences"`` (central differences of ℓ
@@ -204,7 +294,8 @@ def check_gradients(
     def loss(z: Any) -> Tensor:
         return (layout.flatten(z) * cotangent).sum()
 
-    targets = _targets(layer, x, z_start)
+    held = held_tensors(layer)
+    targets = _targets(layer, x, z_start, held)
     z, info = layer(x, z0=z_start, return_info=True)
     raw = torch.autograd.grad(loss(z), [t for _, _, t in targets], allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for (_, _, t), g in zip(targets, raw)]
@@ -232,11 +323,20 @@ def check_gradients(
             )
         else:
             report.checks += _against_gradcheck(layer, x, z_start, layout, targets, approximate, rtol)
+    known = {id(t) for _, _, t in targets}
+    unreached = [
+        (name, t)
+        for key, (name, t) in held.items()
+        if key not in known and t.requires_grad and t.is_leaf and t.is_floating_point()
+    ]
+    if unreached:
+        z_star = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, z)
+        report.checks += _without_gradient(layer, x, z_star, unreached, fd_eps, fd_directions or 2, generator, seed)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def assert_gradients(target: nn.Module, x: Any, **kwargs: Any) -> GradientReport:
+def assert_gradients(target: nn.Module | Callable[[Any, Any], Any], x: Any, **kwargs: Any) -> GradientReport:
     """:func:`check_gradients`, raising ``AssertionError`` with the report's table when a check fails."""
     report = check_gradients(target, x, **kwargs)
     if not report.passed:
@@ -244,15 +344,22 @@ def assert_gradients(target: nn.Module, x: Any, **kwargs: Any) -> GradientReport
     return report
 
 
-def _targets(layer: ImplicitMixin, x: Any, z_start: Any) -> list[tuple[str, str, Tensor]]:
-    """``(name, kind, tensor)`` for parameters, injection leaves and closed-over leaves."""
+def _targets(
+    layer: ImplicitMixin, x: Any, z_start: Any, held: dict[int, tuple[str, Tensor]]
+) -> list[tuple[str, str, Tensor]]:
+    """``(name, kind, tensor)`` for parameters, injection leaves and closed-over leaves (named as ``held`` names them,
+    else ``closure (shape) #i``)."""
     params = [(name, "parameter", p) for name, p in layer.named_parameters() if p.requires_grad]
     inputs = [(name, "input", t) for name, t in _leaves(x, "x") if t.requires_grad]
     known = {id(t) for _, _, t in params + inputs}
     with torch.enable_grad():
         probe = StateLayout(z_start).flatten(layer.block_forward(z_start, x))
-    closures = [t for t in graph_leaves(probe) if id(t) not in known]
-    named = [(f"closure {tuple(t.shape)} #{i}", "closure", t) for i, t in enumerate(closures)]
+    named: list[tuple[str, str, Tensor]] = []
+    for t in graph_leaves(probe):
+        if id(t) in known:
+            continue
+        name = held[id(t)][0] if id(t) in held else f"closure {tuple(t.shape)} #{len(named)}"
+        named.append((name, "closure", t))
     return params + inputs + named
 
 
@@ -435,4 +542,65 @@ def _against_gradcheck(
             raise_exception=False,
         )
         checks.append(Check(name, kind, "gradcheck", "fast mode", math.nan, max(rtol, 1e-5), "pass" if ok else "FAIL"))
+    return checks
+
+
+def _without_gradient(
+    layer: ImplicitMixin,
+    x: Any,
+    z_star: Any,
+    tensors: list[tuple[str, Tensor]],
+    eps: float,
+    directions: int,
+    generator: torch.Generator,
+    seed: int,
+) -> list[Check]:
+    """Rows for leaf tensors that require grad and are held by the block but are not in its autograd graph: central
+    differences of the block's output ``f(z*, x)`` along ``directions`` random unit directions of each tensor. An
+    output that changes by more than round-off (relative to ``‖f(z*, x)‖``, over the step) fails with
+    :data:`NO_GRADIENT`; one that does not is ``not used``. Every evaluation replays the same random stream, so
+    dropout in the block does not count as a change."""
+    layout = StateLayout(z_star)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+    def output() -> Tensor:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), implicit_call():
+            torch.manual_seed(seed)
+            return layout.flatten(layer.block_forward(z_star, x))
+
+    base = output()
+    noise = _ROUNDOFF * float(torch.finfo(base.dtype).eps) * float(torch.linalg.vector_norm(base.double()))
+    checks = []
+    for name, t in tensors:
+        original = t.detach().clone()
+        step = float(torch.finfo(t.dtype).eps) ** (1 / 3) if t.dtype != torch.float64 else eps
+        change = 0.0
+        try:
+            for _ in range(directions):
+                d = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                d = d / torch.linalg.vector_norm(d)
+                values = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        t.copy_(original + sign * step * d)
+                    values.append(output().double())
+                difference = float(torch.linalg.vector_norm(values[0] - values[1])) / (2 * step)
+                change = difference if math.isnan(difference) else max(change, difference)
+        finally:
+            with torch.no_grad():
+                t.copy_(original)  # nothing the user passed in stays modified
+        tolerance = noise / step
+        changes = not change <= tolerance  # NaN: changes
+        checks.append(
+            Check(
+                name,
+                "closure",
+                "finite_differences",
+                "output change",
+                change,
+                tolerance,
+                "FAIL" if changes else "not used",
+                NO_GRADIENT if changes else NOT_USED,
+            )
+        )
     return checks
