@@ -94,6 +94,13 @@ class DEQFlow(RAFT):
 
     deq: ImplicitModule
 
+    def train(self, mode: bool = True) -> DEQFlow:
+        """Training or eval mode, for the RAFT parts and the implicit layer (which is outside the module tree)."""
+        super().train(mode)
+        # Not deq.train(mode): its block holds this model, whose train() would be called again.
+        self.deq.training = self.deq.block.training = mode
+        return self
+
     # ------------------------------------------------------------------ options
     @property
     def implicit_options(self) -> ImplicitOptions:
@@ -161,8 +168,8 @@ class DEQFlow(RAFT):
         """
         x = self.injection(image1, image2)
         z0 = self.initial_state(x) if warm_start is None else _warm_start(warm_start, x)
-        if not self.training:
-            overrides = {"max_iter": self.eval_max_iter, "correction": None, **overrides}
+        if not self.training:  # the engine's eval mode returns z* alone, without the correction states
+            overrides = {"max_iter": self.eval_max_iter, **overrides}
         out, info = self.deq(x, z0, return_info=True, **overrides)
         states = out if isinstance(out, list) else [out]
         flows = [upsample_flow(self, state) for state in states]
