@@ -2,7 +2,7 @@
 and EPE against the test-time budget (1×, 2×, 4× the training budget: solver iterations for DEQ-Flow, updates for
 RAFT).
 
-    python -m benchmarks.flow_accuracy                       # raft_small, 128×160, batch 4, 300 steps (CPU: ~20 min)
+    python -m benchmarks.flow_accuracy                       # raft_small, 128×160, batch 4, 300 steps (CPU: ~25 min)
     python -m benchmarks.flow_accuracy --steps 1000 --device cuda
     python -m benchmarks.flow --rows accuracy                # the same, from the flow benchmark
 
@@ -31,6 +31,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "DEQ-Flow, defaults (36 it., 1-step phantom)": ("deq", {}),
     "DEQ-Flow, preset chairs (6 states × 1 step)": ("deq", {"preset": "chairs"}),
     "DEQ-Flow, 12 it., 3 states": ("deq", {"max_iter": 12, "correction": 3}),
+    "DEQ-Flow, 12 it., 3 states, Jacobian reg.": ("deq", {"max_iter": 12, "correction": 3, "jac_loss_probes": 1}),
 }
 
 
@@ -83,6 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         step_time = statistics.median(r["seconds"] for r in run.history)
         rows.append((name, table, step_time, seconds))
+        if method == "deq":  # the same budgets spent in full (no stopping at the tolerance)
+            full = budget_table(
+                run.model,
+                val_set,
+                factors=args.budgets,
+                pairs=args.val_pairs,
+                batch_size=args.batch_size,
+                updates=config.updates,
+                device=args.device,
+                tol=0.0,
+            )
+            rows.append((f"{name}, tol 0", full, step_time, seconds))
         print(f"{name}: trained in {seconds:.0f} s ({step_time:.2f} s/step median)", flush=True)
     print()
     print(_markdown(rows, args.budgets))

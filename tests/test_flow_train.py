@@ -114,7 +114,22 @@ def test_train_eval_and_baseline_commands(tmp_path, capsys):
 
 def test_demo_command_reports_before_and_after(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(["demo", "--steps", "2", "--val-pairs", "2", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    main(
+        [
+            "demo",
+            "--steps",
+            "2",
+            "--val-pairs",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-iter",
+            "6",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "before training" in printed and "after 2 steps" in printed and str(out.resolve()) in printed
     assert all((out / name).exists() for name in ("flow.png", "residual.png", "training.png", "checkpoint.pt"))

@@ -134,11 +134,14 @@ def predict(
     updates: int = 12,
     budget: int | None = None,
     warm_start: Any = None,
+    **overrides: Any,
 ) -> tuple[list[Tensor], ImplicitInfo | None]:
     """The model's flows and, for DEQ-Flow, the engine's info. ``budget``: solver iterations (DEQ-Flow, default its
-    ``eval_max_iter`` in eval mode) or updates (RAFT, default ``updates``)."""
+    ``eval_max_iter`` in eval mode) or updates (RAFT, default ``updates``); ``overrides``: DEQ-Flow's engine options
+    for this call (e.g. ``tol=0.0`` to run the whole budget)."""
     if isinstance(model, DEQFlow):
-        overrides = {} if budget is None else {"max_iter": budget}
+        if budget is not None:
+            overrides["max_iter"] = budget
         flows, info = model(image1, image2, warm_start=warm_start, return_info=True, **overrides)
         return flows, info
     return model(image1, image2, num_flow_updates=updates if budget is None else budget), None
@@ -155,10 +158,12 @@ def evaluate(
     batch_size: int = 4,
     pairs: int | None = None,
     device: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> dict[str, float]:
     """Flow metrics (:class:`~integrations.flow.metrics.FlowMetrics`) of the model in eval mode over the first
     ``pairs`` pairs of ``dataset`` at full resolution (images padded to multiples of 8, predictions cropped back),
-    plus, for DEQ-Flow, the mean f-evaluations ``"nfe"`` and the mean and largest final residual."""
+    plus, for DEQ-Flow, the mean f-evaluations ``"nfe"`` and the mean and largest final residual; ``overrides`` are
+    DEQ-Flow's engine options for these calls."""
     was_training = model.training
     model.eval()
     count = pairs_in(dataset) if pairs is None else min(pairs, pairs_in(dataset))
@@ -170,7 +175,7 @@ def evaluate(
                 raise ValueError("evaluate: the data set has no ground truth (a test split?)")
             image1, image2, flow, valid = (_stack([item[k] for item in items], device) for k in range(4))
             padded1, padded2, unpad = pad_to_multiple(image1, image2)
-            flows, info = predict(model, padded1, padded2, updates=updates, budget=budget)
+            flows, info = predict(model, padded1, padded2, updates=updates, budget=budget, **overrides)
             metrics.update(unpad(flows[-1]), flow, valid)
             if info is not None:
                 nfe.append(float(info.forward.nfe))
@@ -421,15 +426,24 @@ def budget_table(
     batch_size: int,
     updates: int,
     device: str | torch.device = "cpu",
+    **overrides: Any,
 ) -> list[dict[str, float]]:
     """Validation metrics at test-time budgets ``factor × the training budget`` (DEQ-Flow: solver iterations,
-    ``max_iter``; RAFT: ``updates``), one row per factor."""
+    ``max_iter``; RAFT: ``updates``), one row per factor; ``overrides``: DEQ-Flow's engine options (``tol=0.0``
+    spends every budget in full instead of stopping at the tolerance)."""
     base = model.implicit_options.max_iter if isinstance(model, DEQFlow) else updates
     rows = []
     for factor in factors:
         budget = max(1, math.ceil(factor * base))
         result = evaluate(
-            model, dataset, updates=updates, budget=budget, batch_size=batch_size, pairs=pairs, device=device
+            model,
+            dataset,
+            updates=updates,
+            budget=budget,
+            batch_size=batch_size,
+            pairs=pairs,
+            device=device,
+            **overrides,
         )
         rows.append({"factor": float(factor), "budget": float(budget), **result})
     return rows
