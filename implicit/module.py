@@ -137,8 +137,12 @@ class _ParametrizationCache:
 
     def __enter__(self) -> None:
         self.cache.__enter__()
-        for owner, name in self.parametrized:
-            getattr(owner, name)
+        try:
+            for owner, name in self.parametrized:
+                getattr(owner, name)
+        except BaseException:  # a parametrisation raised: leave torch's global cache as found (``with`` won't exit)
+            self.cache.__exit__(*sys.exc_info())
+            raise
 
     def __exit__(self, *exc: Any) -> None:
         self.cache.__exit__(*exc)
