@@ -178,8 +178,9 @@ class ImplicitMixin(nn.Module):
 
         Args:
             x: the injection, passed to the block as its second argument (tensor or any pytree).
-            z0: starting state (default :meth:`initial_state`). If it requires grad it receives a gradient: zero for
-                ``backward="implicit"`` (z* does not depend on z0), the unrolled derivative for ``"unrolled"``.
+            z0: starting state (default :meth:`initial_state`). If it requires grad it receives a gradient: zeros in
+                every mode but ``"unrolled"`` (z* does not depend on z0; the other modes attach their gradient at
+                z*), the unrolled derivative for ``"unrolled"``.
             solver_state: handed to the forward solver (see :func:`equilibrium`).
             **overrides: per-call options, e.g. ``tol=1e-6, max_iter=100``.
 
