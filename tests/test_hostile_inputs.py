@@ -413,3 +413,41 @@ def test_parametrization_raising_on_entry_restores_torchs_cache():
     assert excinfo.value is not None and parametrize._cache_enabled == 0
     failing.fail = False
     assert torch.equal(layer(x), z_ok)
+
+
+# ------------------------------------------------------------------------------------------- found by the stress run
+def test_unrolled_output_stays_connected_when_no_step_reaches_it():
+    """Every sample diverging at its first evaluation, or a warm start already within tolerance: the returned point
+    is z0 itself. The output still requires grad (backward runs): NaN gradients for the diverged case (as the other
+    modes give), exact zeros for the converged start (the derivative of a solve that took no step)."""
+    block = TanhBlock(6, seed=0)
+    with torch.no_grad():
+        block.b[0] = float("nan")
+    layer = implicit.make_implicit(block, solver="fixed_point", backward="unrolled", on_divergence="ignore")
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    z, info = layer(x, return_info=True)
+    assert info.forward.diverged.all() and z.requires_grad and torch.isfinite(z).all()
+    z.sum().backward()
+    assert torch.isnan(block.W.grad).any()
+
+    healthy = implicit.make_implicit(TanhBlock(6, seed=1), solver="anderson", backward="unrolled", tol=1e-8)
+    _, first = healthy(x.detach(), return_info=True)
+    x2 = x.detach().clone().requires_grad_()
+    z, info = healthy(x2, z0=first.state, return_info=True)
+    assert info.forward.nfe == 1 and z.requires_grad
+    assert torch.equal(z.detach(), first.state)
+    z.sum().backward()
+    assert torch.equal(x2.grad, torch.zeros_like(x2))
+
+
+def test_ode_reports_a_nan_map_as_diverged_whatever_check_every():
+    """A non-finite f(z) used to reach torchdiffeq's step-size control and abort with "underflow in dt"."""
+    for check_every in (1, 2, 4):
+        result = implicit.solve(
+            lambda z: torch.tanh(0.5 * z + float("nan")),
+            torch.zeros(2, 4, dtype=torch.float64),
+            solver="ode",
+            check_every=check_every,
+            max_iter=300,
+        )
+        assert result.diverged.all() and not result.converged.any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..problem import Problem
@@ -39,4 +40,13 @@ class Unrolled(BackwardMode):
         *,
         regularizer: JacobianRegularizer | None = None,
     ) -> Tensor:
-        return result.z if z is None else z  # the iterations' graph is the gradient; no tracked call to share
+        state = result.z if z is None else z  # the iterations' graph is the gradient; no tracked call to share
+        if state.requires_grad or not torch.is_grad_enabled():
+            return state
+        # No step led to the returned point (a start already within tolerance, every sample diverged at its first
+        # evaluation, an empty batch): its derivative is z0's, zero for x and the parameters. Keep the output
+        # connected to them so that backward runs: a call f(z) that contributes to the gradient only, with weight 0
+        # (NaN where f is not finite, as in the other modes).
+        out = problem.fn(state)
+        info.tracked_nfe += 1
+        return torch.where(torch.zeros((), dtype=torch.bool, device=state.device), out, state)

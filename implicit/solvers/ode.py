@@ -89,7 +89,9 @@ class ODE(Solver):
             monitor.observe(z, fz, nfe)
             if nfe % check_every == 0 and not monitor.any_active():
                 raise _Stop
-            return fz - z
+            # A non-finite f(z) has just marked its sample diverged; a NaN in the derivative would reach the step-size
+            # control (shared by the batch) and abort the integration with a dt underflow. Finite rows are unchanged.
+            return torch.nan_to_num(fz - z, nan=0.0, posinf=0.0, neginf=0.0)
 
         options = {"step_size": self.step_size} if self.method in ("euler", "midpoint", "rk4") else None
         times = torch.tensor([0.0, self.t_max], dtype=z0.dtype, device=z0.device)
