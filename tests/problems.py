@@ -388,3 +388,39 @@ class Block(nn.Module):
         weight = FlipGrad.apply(self.linear.weight) if self.broken else self.linear.weight
         return torch.tanh(self.gain * nn.functional.linear(z, weight, self.linear.bias) + x)
 '''
+
+
+class _MapGradient(torch.autograd.Function):
+    """Identity forward; the backward hands on ``transform(gradient)`` (a block whose backward is wrong)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.transform = transform
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return ctx.transform(g), None
+
+
+def map_gradient(t: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    """``t`` unchanged, with its gradient replaced by ``transform(gradient)`` (e.g. ``torch.neg``)."""
+    return _MapGradient.apply(t, transform)
+
+
+HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every ``Tensor.__bool__ / item / tolist / __float__ / __int__ / __index__`` call (on CPU the proxy for a
+    host-device synchronisation) in the returned list until ``monkeypatch.undo()``."""
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

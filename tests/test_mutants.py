@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from problems import gen, make_weight, tanh_problem
+from problems import gen, make_weight, map_gradient, tanh_problem
 from torch import nn
 
 import implicit
@@ -102,21 +102,11 @@ def test_finite_differences_step_by_fd_eps(fd_eps):
     assert offsets == {-2.0, -1.0, 0.0, 1.0, 2.0}
 
 
-class _FlipGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-
 class WrongSign(Tanh):
     """Backward flips the sign of W's gradient."""
 
     def weight(self) -> torch.Tensor:
-        return _FlipGradient.apply(self.W)
+        return map_gradient(self.W, torch.neg)
 
 
 @pytest.mark.parametrize(
@@ -170,22 +160,12 @@ def test_a_nan_gradient_fails_when_unrolling_is_the_only_reference(broken_down):
     assert check_gradients(Tanh(), _x(), references=("unrolled",)).passed  # the same check, the exact mode
 
 
-class _RollGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.roll(1, dims=0)
-
-
 class RolledGradient(Tanh):
     """Backward hands W the gradient of another row (rolled by one): a gradient unrelated in direction to the true
     one, neither reversed nor zero."""
 
     def weight(self) -> torch.Tensor:
-        return _RollGradient.apply(self.W)
+        return map_gradient(self.W, lambda g: g.roll(1, dims=0))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -200,21 +180,11 @@ def test_an_unrelated_gradient_fails_the_cosine_over_several_directions(seed):
     assert all(0.5 <= c.value < 1 - 1e-6 for c in report.checks if c.tensor in ("block.b", "x"))
 
 
-class _NaNGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.full_like(g, math.nan)
-
-
 class NaNGradient(Tanh):
     """Backward gives W a NaN gradient (the forward is right)."""
 
     def weight(self) -> torch.Tensor:
-        return _NaNGradient.apply(self.W)
+        return map_gradient(self.W, lambda g: torch.full_like(g, math.nan))
 
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])

@@ -15,6 +15,7 @@ from problems import (
     DTYPE,
     CountingTanh,
     PytreeBlock,
+    count_host_reads,
     gen,
     injection,
     merge_state,
@@ -225,15 +226,7 @@ def test_converging_solves_are_bitwise_unchanged_by_the_rule(solver, tol, stagna
 def test_the_rule_adds_no_host_reads(monkeypatch):
     """At most one host read per check with the rule on (Tensor.__bool__/item/... calls as the proxy)."""
     p = tanh_problem(0.9, "gauss", 1.0, batch=4, n=16).frozen()
-    reads: list[str] = []
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_host_reads(monkeypatch)
     z0 = p.z0()
     result = run("anderson", p.fn, z0, tol=0.0, max_iter=60, check_every=4, stagnation=(4, 1.3))
     monkeypatch.undo()

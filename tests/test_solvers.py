@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from problems import SOLVER_NAMES, diverging_lin_problem, residuals, tanh_problem
+from problems import SOLVER_NAMES, count_host_reads, diverging_lin_problem, residuals, tanh_problem
 
 import implicit
 from implicit.solvers import Broyden, iterate
@@ -300,15 +300,7 @@ def test_starting_at_an_exact_fixed_point_is_not_divergence(solver):
 def test_host_reads_only_at_checks(solver, monkeypatch):
     """On CPU, Tensor.__bool__/item/tolist/__float__/__int__ calls are the proxy for host-device synchronisations."""
     p = tanh_problem(0.9, "gauss", 1.0, batch=4, n=16).frozen()
-    reads = []
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_host_reads(monkeypatch)
     z0 = p.z0()
     assert bool(torch.ones(())) and reads == ["__bool__"]  # the counters see host reads
     reads.clear()

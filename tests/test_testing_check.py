@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import BACKWARD_SOLVER_NAMES, SOLVER_NAMES, gen, make_weight
+from problems import BACKWARD_SOLVER_NAMES, SOLVER_NAMES, gen, make_weight, map_gradient
 from torch import nn
 
 import implicit
@@ -29,31 +29,11 @@ class Tanh(nn.Module):
         return torch.tanh(z @ self.weight().T + x + self.b)
 
 
-class _FlipGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-
-class _DropGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.zeros_like(g)
-
-
 class WrongSign(Tanh):
     """Backward flips the sign of W's gradient."""
 
     def weight(self) -> torch.Tensor:
-        return _FlipGradient.apply(self.W)
+        return map_gradient(self.W, torch.neg)
 
 
 class DetachedInjection(Tanh):
@@ -73,7 +53,7 @@ class ClosureBlock(Tanh):
 
 class ClosureWithoutGradient(Tanh):
     def forward(self, z, x):
-        return torch.tanh(z @ self.W.T + x + self.b + _DropGradient.apply(SHIFT))
+        return torch.tanh(z @ self.W.T + x + self.b + map_gradient(SHIFT, torch.zeros_like))
 
 
 def _x(batch: int = 3) -> torch.Tensor:

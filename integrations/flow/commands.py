@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="training crop")
     t.add_argument("--augment", default="auto", choices=("auto", "none", *AUGMENTATION_PRESETS))
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, help="training steps (default 300; with --resume: the run's own)")
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--updates", type=int, default=12, help="RAFT's updates (baseline)")
@@ -158,11 +158,8 @@ def snapshot(model: nn.Module, dataset: Dataset, *, device: str = "cpu", pairs: 
     model.eval()
     items = [dataset[i] for i in range(min(pairs, pairs_in(dataset)))]
     batch = [torch.stack([item[k] for item in items]).to(device) for k in range(4)]
-    overrides = {"check_every": 1, "tol": 0.0, "stop_mode": "abs"} if isinstance(model, DEQFlow) else {}
-    if isinstance(model, DEQFlow):
-        flows, info = model(batch[0], batch[1], return_info=True, **overrides)
-    else:
-        flows, info = predict(model, batch[0], batch[1])
+    overrides: dict[str, Any] = {"check_every": 1, "tol": 0.0, "stop_mode": "abs"} if isinstance(model, DEQFlow) else {}
+    flows, info = predict(model, batch[0], batch[1], **overrides)
     model.train(was_training)
     result: dict[str, Any] = {"batch": [t.cpu() for t in batch], "flow": flows[-1][0].cpu()}
     result["epe"] = float(endpoint_error(flows[-1][:1], batch[2][:1]).mean())
@@ -183,7 +180,7 @@ def write_training_curves(run: Run, path: Path) -> Path:
 def train_command(args: argparse.Namespace) -> Run:
     out = Path(args.out)
     if args.resume:
-        changes = {"steps": args.steps} if args.steps != parser_default("train", "steps") else {}
+        changes = {} if args.steps is None else {"steps": args.steps}
         run = Run.load(args.resume, **changes)
         print(f"resumed {args.resume} at step {run.step} of {run.config.steps}")
     else:
@@ -198,7 +195,7 @@ def train_command(args: argparse.Namespace) -> Run:
             size=tuple(args.size),
             augment=args.augment,
             batch_size=args.batch_size,
-            steps=args.steps,
+            steps=300 if args.steps is None else args.steps,
             lr=args.lr,
             weight_decay=args.weight_decay,
             jac_loss_weight=args.jac_loss_weight,
@@ -338,11 +335,6 @@ def flow_metrics_of_zero(dataset: Dataset, pairs: int) -> float:
     """EPE of predicting zero flow on the first ``pairs`` pairs (the trivial baseline)."""
     errors = [torch.linalg.vector_norm(dataset[i][2], dim=0).mean() for i in range(min(pairs, pairs_in(dataset)))]
     return float(torch.stack(errors).mean())
-
-
-def parser_default(command: str, name: str) -> Any:
-    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command].get_default(name)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

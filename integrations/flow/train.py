@@ -368,7 +368,7 @@ def train(
     train_set, val_set = training_data(c)
     batches = StepBatches(pairs_in(train_set), c.batch_size, seed=c.seed, start=run.step, stop=stop)
     loader = DataLoader(train_set, batch_sampler=_DrawBatches(batches), num_workers=c.workers)
-    bar = _progress(range(run.step, stop), progress, initial=run.step, total=c.steps)
+    bar = _progress(progress, initial=run.step, total=c.steps)
     for image1, image2, flow, valid in loader:
         model.train()
         if c.freeze_bn:
@@ -402,7 +402,7 @@ def train(
     return run
 
 
-def _progress(steps: range, enabled: bool, *, initial: int, total: int) -> Any:
+def _progress(enabled: bool, *, initial: int, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
