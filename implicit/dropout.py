@@ -26,6 +26,16 @@ class _Call:
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("implicit_call", default=None)
+# The calls being traced by torch.compile, innermost last: dynamo cannot trace a ContextVar's mutation (a graph break
+# at every layer call), but traces a list's. Tracing runs in one thread, so a plain list is enough there.
+_TRACED_CALLS: list[_Call] = []
+
+
+def current_call() -> _Call | None:
+    """The implicit-layer call in progress (``None`` outside one)."""
+    if torch.compiler.is_compiling():
+        return _TRACED_CALLS[-1] if _TRACED_CALLS else None
+    return _CALL.get()
 
 
 class implicit_call:
@@ -33,10 +43,17 @@ class implicit_call:
     it. (A class rather than a generator-based context manager: it runs on every layer call.)"""
 
     def __enter__(self) -> None:
-        self.token = _CALL.set(_Call())
+        if torch.compiler.is_compiling():
+            self.token = None
+            _TRACED_CALLS.append(_Call())
+        else:
+            self.token = _CALL.set(_Call())
 
     def __exit__(self, *exc: object) -> None:
-        _CALL.reset(self.token)
+        if self.token is None:
+            _TRACED_CALLS.pop()
+        else:
+            _CALL.reset(self.token)
 
 
 @contextlib.contextmanager
@@ -50,7 +67,7 @@ def fixed_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
     CPU generator once per call, so consecutive calls draw new masks and ``torch.manual_seed`` makes them
     reproducible. Outside an implicit-layer call it does nothing (fresh draws, as usual).
     """
-    call = _CALL.get()
+    call = current_call()
     if call is None:
         yield
         return
@@ -90,7 +107,7 @@ class VariationalDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        call = _CALL.get()
+        call = current_call()
         shape = [1 if d in self.shared_dims or d - x.dim() in self.shared_dims else s for d, s in enumerate(x.shape)]
         mask = self._mask if call is not None and call is self._mask_call else None
         if mask is None or list(mask.shape) != shape or mask.device != x.device or mask.dtype != x.dtype:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .block import check_block
+from .cuda_graph import graph_solve
 from .dropout import implicit_call
 from .options import ImplicitOptions, check_flag, resolve_options
 from .problem import Problem, report_divergence
@@ -83,7 +84,10 @@ def solve_equilibrium(
     if solver_state:
         changes["state"] = solver_state
     start = problem.z0 if differentiable or not problem.z0.requires_grad else problem.z0.detach()
-    result = options.forward_solve.run(fn, start, **changes)
+    if options.execution == "graph":
+        result = graph_solve(options.forward_solve, f, x, start, layout, changes)
+    else:
+        result = options.forward_solve.run(fn, start, **changes)
     report_divergence(result, "forward", options.on_divergence)
     info = ImplicitInfo(forward=result, backward_mode=mode.name, layout=layout)
     regularizer = options.jacobian_regularizer

@@ -22,6 +22,7 @@ from .correction import correction_positions
 from .registry import Configurable, Registry, Rule, check_choice, did_you_mean
 from .regularization import PROBES, JacobianRegularizer
 from .solvers import (
+    EXECUTIONS,
     SOLVERS,
     STOP_MODES,
     Loop,
@@ -85,6 +86,17 @@ class ImplicitOptions:
             residual, without its condition r < 3·tol. The forward solve only. The window counts f-evaluations:
             ``solver="ode"`` spends dozens on its first short steps (measured: best residual < 1.3× lower after 30
             evaluations at tol 1e-6, after 60 at 1e-8), so give it a window of ≥ 100 below tol 1e-4.
+        execution: how the forward solve runs. ``"eager"`` (default): adaptive stopping, the loop ends when every
+            sample has stopped (one host read per check). ``"compiled"``: the whole budget (``max_iter + 1``
+            f-evaluations) with no host read, under ``torch.compile`` (``fullgraph``; compiled once per shape, dtype
+            and setting; inside a caller's ``torch.compile`` it is traced into the caller's graph without a break).
+            ``"graph"``: the same fixed-budget loop captured in a CUDA graph once per input signature and replayed
+            (CUDA only; :mod:`implicit.cuda_graph` lists what it captures). Both return the same per-sample
+            :class:`~implicit.SolverResult` as eager mode (samples still stop at tol, frozen on the device; only
+            ``nfe`` and the trace show the full budget) and work with every backward mode (``"graph"`` not with
+            ``"unrolled"``, whose gradient needs the iterations' autograd graph); the backward linear solve stays
+            eager. Use them when the budget is known (inference at a fixed budget, training at the budget the model
+            needs); needs a ``capturable`` solver (fixed_point, anderson, broyden).
     Backward:
         backward: ``"implicit"`` (exact implicit-function-theorem gradient), ``"phantom"`` (damped phantom gradient,
             unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward quasi-Newton inverse
@@ -125,6 +137,7 @@ class ImplicitOptions:
     stop_mode: str = "rel"
     check_every: int = 4
     stagnation: tuple[int, float] | None = None
+    execution: str = "eager"
     backward: str = "implicit"
     backward_options: Mapping[str, Any] = field(default_factory=dict)
     backward_solver: str = "anderson"
@@ -169,8 +182,17 @@ class ImplicitOptions:
         rules: list[SolverRule] = [forward_rule, capability_rule(mode.requires, f"backward={self.backward!r}")]
         if self.correction is not None:
             rules.append(capability_rule(("records_trajectory",), "correction"))
+        if self.execution != "eager":
+            rules.append(capability_rule(("capturable",), f"execution={self.execution!r}"))
         solver = _build(SOLVERS, self.solver, self.solver_options, option="solver", rule=all_rules(*rules))
-        loop = Loop(self.tol, self.max_iter, self.stop_mode, self.check_every, stagnation=self.stagnation)
+        loop = Loop(
+            self.tol,
+            self.max_iter,
+            self.stop_mode,
+            self.check_every,
+            stagnation=self.stagnation,
+            execution=self.execution,
+        )
         return Solve(solver, loop)
 
     @cached_property
@@ -220,7 +242,7 @@ class ImplicitOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ImplicitOptions))
-_LOOP_OPTIONS = ("tol", "max_iter", "stop_mode", "check_every", "stagnation")
+_LOOP_OPTIONS = ("tol", "max_iter", "stop_mode", "check_every", "stagnation", "execution")
 
 
 def _solve_kwargs(solver: str, options: Mapping[str, Any], loop: Loop) -> dict[str, Any]:
@@ -279,6 +301,7 @@ def _validate(o: ImplicitOptions) -> None:
     check_choice("option jac_loss_probe", o.jac_loss_probe, PROBES)
     check_choice("option nonfinite_input", o.nonfinite_input, NONFINITE_POLICIES)
     check_choice("option on_divergence", o.on_divergence, DIVERGENCE_POLICIES)
+    check_choice("option execution", o.execution, EXECUTIONS)
     check_flag("return_info", o.return_info)
     # Build the components once: lookups, option names and values, and the solver × mode × correction rules.
     for built in (
@@ -290,6 +313,11 @@ def _validate(o: ImplicitOptions) -> None:
         "jacobian_regularizer",
     ):
         getattr(o, built)
+    if o.execution == "graph" and o.backward_mode.differentiates_iterations:
+        raise ValueError(
+            f"execution='graph' replays a captured solve without an autograd graph; backward={o.backward!r} "
+            "differentiates the iterations: use execution='compiled' or 'eager'"
+        )
 
 
 __all__ = ["OPTION_NAMES", "FrozenMapping", "ImplicitOptions", "check_flag", "resolve_options"]

@@ -78,3 +78,99 @@ def test_host_synchronisations_are_bounded_by_the_checks(solver):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= max_iter // check_every + 1
+
+
+# ------------------------------------------------------------------------------ execution="graph" and "compiled"
+GRAPH_SOLVERS = ("fixed_point", "anderson", "broyden")
+
+
+def _cuda_problem(dtype, batch=4, seed=0):
+    p = tanh_problem(0.8, "gauss", 1.0, batch=batch, n=16, seed=seed, dtype=dtype)
+    p.block.cuda()
+    return p, p.x.cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("solver", GRAPH_SOLVERS)
+def test_graph_execution_replays_the_eager_result(solver, dtype):
+    """Captured once, replayed with new inputs: each replay returns what eager mode returns for those inputs (same
+    per-sample iterates, residuals, stopping), the batch's nfe being the whole budget."""
+    p, x = _cuda_problem(dtype)
+    options = dict(solver=solver, tol=1e-5, max_iter=20, check_every=2)
+    graph = implicit.make_implicit(p.block, execution="graph", **options)
+    eager = implicit.make_implicit(p.block, **options)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        for scale in (1.0, 0.5, 2.0):
+            zg, ig = graph(x * scale, return_info=True)
+            ze, ie = eager(x * scale, return_info=True)
+            torch.testing.assert_close(zg, ze, **tol)
+            assert ig.forward.nfe == 21
+            assert torch.equal(ig.forward.converged, ie.forward.converged)
+            if dtype == torch.float64:
+                assert torch.equal(ig.forward.nstep, ie.forward.nstep)
+
+
+def test_graph_execution_recaptures_on_new_shapes_and_keeps_few():
+    from implicit import cuda_graph
+
+    p, x = _cuda_problem(torch.float32, batch=8)
+    layer = implicit.make_implicit(p.block, execution="graph", max_iter=10)
+    with torch.no_grad():
+        for batch in range(1, 8):
+            z = layer(x[:batch])
+            torch.testing.assert_close(z, implicit.make_implicit(p.block, max_iter=10)(x[:batch]), rtol=1e-4, atol=1e-5)
+    assert len(cuda_graph._CAPTURES[layer]) == cuda_graph.MAX_CAPTURES
+
+
+def test_graph_execution_memory_stays_flat_and_sees_in_place_parameter_updates():
+    p, x = _cuda_problem(torch.float32)
+    layer = implicit.make_implicit(p.block, execution="graph", max_iter=15)
+    with torch.no_grad():
+        layer(x)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(30):
+            layer(x)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+        p.block.W.mul_(0.5)  # what an optimizer step does: in place
+        torch.testing.assert_close(layer(x), implicit.make_implicit(p.block, max_iter=15)(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"backward": "phantom"},
+        {"backward": "one_step"},
+        {"solver": "broyden", "backward": "shine"},
+        {"correction": 3},
+        {"jac_loss_probes": 1},
+    ],
+)
+@pytest.mark.parametrize("execution", ["graph", "compiled"])
+def test_graph_and_compiled_gradients_match_eager(options, execution):
+    p, x = _cuda_problem(torch.float64)
+    settings = dict(tol=1e-10, max_iter=60, backward_tol=1e-10, backward_max_iter=100, **options)
+
+    def grads(layer):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        out, info = layer(xr, return_info=True)
+        states = out if isinstance(out, list) else [out]
+        loss = sum(s.pow(2).sum() for s in states) + (info.jac_loss if info.jac_loss is not None else 0)
+        return torch.autograd.grad(loss, [xr, *layer.parameters()])
+
+    ours = grads(implicit.make_implicit(p.block, execution=execution, **settings))
+    reference = grads(implicit.make_implicit(p.block, **settings))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_graph_execution_rejects_parametrised_weights():
+    p, x = _cuda_problem(torch.float32)
+    torch.nn.utils.parametrizations.weight_norm(p.block, name="W")
+    layer = implicit.make_implicit(p.block, execution="graph")
+    with pytest.raises(ValueError, match="parametrised weights"):
+        layer(x)

@@ -19,6 +19,7 @@ from .adjoint_broyden import AdjointBroyden
 from .anderson import Anderson
 from .base import (
     CAPABILITIES,
+    EXECUTIONS,
     STOP_MODES,
     Loop,
     Solve,
@@ -27,6 +28,7 @@ from .base import (
     all_rules,
     backward_rule,
     capability_rule,
+    compiled_iterate,
     forward_rule,
     iterate,
 )
@@ -54,13 +56,21 @@ def solve(
     stop_mode: str = "rel",
     check_every: int = 4,
     stagnation: tuple[int, float] | None = None,
+    execution: str = "eager",
     differentiable: bool = False,
     record_at: Sequence[int] = (),
     initial_active: Tensor | None = None,
     state: dict[str, Any] | None = None,
 ) -> SolverResult:
     """Solve ``z = fn(z)`` for a flat batched map ``fn: (B, N) -> (B, N)`` from ``z0``; the keyword arguments after
-    ``solver_options`` (the chosen solver's own options) are the :class:`Loop` settings."""
+    ``solver_options`` (the chosen solver's own options) are the :class:`Loop` settings. ``execution`` is
+    ``"eager"`` or ``"compiled"``; ``"graph"`` needs the map's inputs to capture and is an option of the layers
+    (:class:`~implicit.ImplicitOptions`)."""
+    if execution == "graph":
+        raise ValueError(
+            "execution='graph' captures the layer's inputs in static buffers: use it through make_implicit or "
+            "equilibrium (solve takes 'eager' or 'compiled')"
+        )
     cls = SOLVERS.lookup(solver, option="solver")
     options = dict(solver_options or {})
     cls.check_options(options, context="solver_options")
@@ -70,6 +80,7 @@ def solve(
         stop_mode=stop_mode,
         check_every=check_every,
         stagnation=stagnation,
+        execution=execution,
         differentiable=differentiable,
         record_at=record_at,
         initial_active=initial_active,
@@ -81,6 +92,7 @@ def solve(
 
 __all__ = [
     "CAPABILITIES",
+    "EXECUTIONS",
     "GMRES",
     "ODE",
     "SOLVERS",
@@ -96,6 +108,7 @@ __all__ = [
     "all_rules",
     "backward_rule",
     "capability_rule",
+    "compiled_iterate",
     "forward_rule",
     "get_solver_class",
     "iterate",

@@ -39,6 +39,7 @@ class AdjointBroyden(Solver):
     name = "adjoint_broyden"
     forward_only = True
     differentiable_steps = False
+    capturable = False
     provides_inverse_jacobian = True
 
     def __init__(self, *, memory: int = 30, opa_every: int = 0) -> None:

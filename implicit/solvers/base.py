@@ -20,6 +20,10 @@ Loop contract:
   arithmetic). The published rule of TorchDEQ's Broyden solver (Geng and Kolter, "TorchDEQ: A Library for Deep
   Equilibrium Models", arXiv:2310.18605) is of this kind: after 30 steps, residuals within a factor 1.3 of each other.
 * the host reads a device value only at checks (``active.any()``), i.e. once per ``check_every`` iterations.
+* with ``Loop(execution="compiled" | "graph")`` the loop never reads the host: it runs the whole budget (``max_iter``
+  steps, ``max_iter + 1`` f-evaluations), stopped samples frozen on the device as above, so the same per-sample
+  result comes back and the loop can be traced by ``torch.compile`` or captured in a CUDA graph
+  (:func:`compiled_iterate`, :mod:`implicit.cuda_graph`). Solvers whose iteration is this loop are ``capturable``.
 """
 
 from __future__ import annotations
@@ -36,17 +40,22 @@ import torch
 from torch import Tensor
 
 from ..lowrank import LowRankInverse
-from ..registry import Configurable
+from ..registry import Configurable, check_choice
 from ..result import SolverResult
 from ..types import FlatMap
 
 STOP_MODES = ("abs", "rel")
+#: How a solve runs: ``"eager"`` (adaptive stopping, one host read per check), ``"compiled"`` (a fixed budget under
+#: ``torch.compile``) or ``"graph"`` (a fixed budget captured in a CUDA graph per input shape,
+#: :mod:`implicit.cuda_graph`).
+EXECUTIONS = ("eager", "compiled", "graph")
 
 #: What a solver may be able to do, by the name of its class attribute, and how error messages describe it.
 CAPABILITIES = {
     "differentiable_steps": "steps that autograd can differentiate",
     "records_trajectory": "a record of its best iterates at chosen steps",
     "provides_inverse_jacobian": "a low-rank inverse-Jacobian estimate of the solution",
+    "capturable": "a loop without host reads (torch.compile, CUDA graphs)",
 }
 
 SolverT = TypeVar("SolverT", bound="Solver")
@@ -75,6 +84,9 @@ class Solver(Configurable):
     records_trajectory: ClassVar[bool] = True
     #: exports ``result.inverse_jacobian``: usable with ``backward="shine"``.
     provides_inverse_jacobian: ClassVar[bool] = False
+    #: its iteration is the shared loop (:func:`iterate`) of one f-evaluation per step with no host reads of its own:
+    #: usable with ``execution="compiled"`` and ``"graph"``.
+    capturable: ClassVar[bool] = True
 
     differentiable: bool = False
 
@@ -91,7 +103,8 @@ class Solver(Configurable):
 
     def start(self, z0: Tensor, differentiable: bool, state: dict[str, Any] | None = None) -> None:
         """Allocate per-solve state for ``z0`` of shape ``(B, N)``. With ``differentiable`` the steps must be
-        differentiable by autograd (no in-place writes into tensors autograd saved). ``state`` warm-starts solver
+        differentiable by autograd (no in-place writes into tensors autograd saved) and traceable by ``torch.compile``
+        (no ``out=`` writes into views). ``state`` warm-starts solver
         internals (e.g. Broyden's inverse-Jacobian estimate); solvers without such internals reject it."""
         self.differentiable = differentiable
         if state:
@@ -106,7 +119,10 @@ class Solver(Configurable):
         return None
 
     def run(self, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
-        """Solve ``z = fn(z)`` from ``z0`` (``(B, N)``) as ``loop`` says."""
+        """Solve ``z = fn(z)`` from ``z0`` (``(B, N)``) as ``loop`` says (``execution="compiled"``: the loop under
+        ``torch.compile``)."""
+        if loop.execution == "compiled":
+            return compiled_iterate(self.fresh(), fn, z0, loop)
         return iterate(self.fresh(), fn, z0, loop)
 
     @classmethod
@@ -117,6 +133,11 @@ class Solver(Configurable):
         if loop.record_at and not cls.records_trajectory:
             raise ValueError(
                 f"solver {cls.name!r} does not record trajectories (correction needs one of the discrete solvers)"
+            )
+        if loop.execution != "eager" and not cls.capturable:
+            raise ValueError(
+                f"solver {cls.name!r} cannot run with execution={loop.execution!r} (its loop reads the host); "
+                "use fixed_point, anderson or broyden, or execution='eager'"
             )
 
 
@@ -195,6 +216,9 @@ class Loop:
         stagnation: ``(window, factor)`` or ``None`` (off): a sample also stops, reported as stalled, at a check where
             its best residual has improved by less than ``factor`` over the last ``window`` iterations (f-evaluations;
             between checks, so at least ``window``). Validated here (:func:`check_stagnation`).
+        execution: ``"eager"``, or ``"compiled"`` / ``"graph"``: the whole budget without host reads (see the
+            module docstring); :meth:`Solver.run` compiles the loop for ``"compiled"``, a ``"graph"`` loop is
+            captured by :mod:`implicit.cuda_graph`.
     """
 
     tol: float
@@ -207,10 +231,12 @@ class Loop:
     initial_active: Tensor | None = None
     state: dict[str, Any] | None = None
     stagnation: tuple[int, float] | None = None
+    execution: str = "eager"
 
     def __post_init__(self) -> None:
         if self.stagnation is not None:
             object.__setattr__(self, "stagnation", check_stagnation(self.stagnation))
+        check_choice("option execution", self.execution, EXECUTIONS)
 
     def replace(self, **changes: Any) -> Loop:
         """A copy with ``changes`` (``self`` when there are none)."""
@@ -425,6 +451,7 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, *
     """
     loop = Loop(**settings) if loop is None else loop.replace(**settings)
     max_iter, check_every, differentiable = loop.max_iter, loop.check_every, loop.differentiable
+    fixed_budget = loop.execution != "eager"  # no host reads: the whole budget, stopped samples frozen on the device
     if z0.dim() != 2:
         raise ValueError(f"iterate expects a flat (B, N) state, got shape {tuple(z0.shape)}")
     record_steps = sorted(set(loop.record_at)) if loop.record_at else []
@@ -436,7 +463,8 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, *
     grad = differentiable and torch.is_grad_enabled()  # graph-free unless differentiable
 
     with nullcontext() if grad == torch.is_grad_enabled() else torch.set_grad_enabled(grad):
-        solver.start(z0, differentiable, loop.state)
+        # Out-of-place steps under autograd and torch.compile (which cannot trace ``out=`` writes into views).
+        solver.start(z0, differentiable or loop.execution == "compiled", loop.state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):
@@ -447,10 +475,30 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, *
                 monitor.observe(z, fz, nfe, last=last)
                 if k in record_set:
                     recorded[k] = monitor.best_z
-                if last or not monitor.any_active():
+                if last or (not fixed_budget and not monitor.any_active()):
                     break
             z = solver.step(z, fz)
 
     result = monitor.result(nfe, solver.inverse_jacobian())
     result.trajectory = [recorded.get(t, monitor.best_z) for t in record_steps]
     return result
+
+
+#: The ``torch.compile`` arguments of :func:`compiled_iterate` (e.g. ``COMPILE_OPTIONS["mode"] = "max-autotune"``, or
+#: another ``backend``); read at each call, a change compiles anew.
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+_compiled_loop: tuple[dict[str, Any], Callable[..., SolverResult]] | None = None
+
+
+def compiled_iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop) -> SolverResult:
+    """:func:`iterate` under ``torch.compile`` with :data:`COMPILE_OPTIONS` (by default ``fullgraph``: a block that
+    dynamo cannot trace raises instead of silently running eagerly; static shapes: a new shape, dtype or loop setting
+    compiles anew). Inside a caller's ``torch.compile`` the loop is traced as part of the caller's graph instead.
+    ``loop`` must not be eager: the loop then has no host reads and runs the whole budget."""
+    global _compiled_loop
+    if torch.compiler.is_compiling():
+        return iterate(solver, fn, z0, loop)
+    if _compiled_loop is None or _compiled_loop[0] != COMPILE_OPTIONS:  # built on first use: importing torch's
+        options = dict(COMPILE_OPTIONS)  # compiler stack costs seconds
+        _compiled_loop = (options, torch.compile(iterate, **options))
+    return _compiled_loop[1](solver, fn, z0, loop)

@@ -36,6 +36,7 @@ class GMRES(Solver):
     linear_only = True
     differentiable_steps = False
     records_trajectory = False
+    capturable = False
 
     def __init__(self, *, restart: int = 20) -> None:
         if not (isinstance(restart, int) and restart >= 1):

@@ -42,6 +42,7 @@ class ODE(Solver):
 
     name = "ode"
     records_trajectory = False
+    capturable = False
 
     def __init__(
         self,
