@@ -331,6 +331,7 @@ class OverheadCase:
     solver: str | None
     make: Callable[[Block], Runner]  # block -> zero-argument runner
     note: str = ""
+    nfe: int | None = None  # known f-evaluations (captured or compiled loops, which a counting wrapper cannot see)
 
 
 def overhead_cases(p: OverheadProblem, iters: int, deq: Any, device: torch.device) -> list[OverheadCase]:
@@ -442,6 +443,75 @@ def overhead_cases(p: OverheadProblem, iters: int, deq: Any, device: torch.devic
     return cases
 
 
+def execution_cases(p: OverheadProblem, iters: int, deq: Any, device: torch.device) -> list[OverheadCase]:
+    """Fixed budgets of ``iters`` iterations: the bare loop eager, under ``torch.compile`` and (CUDA) in a CUDA graph,
+    :func:`implicit.equilibrium` with ``execution="eager"`` / ``"compiled"`` / (CUDA) ``"graph"`` (``tol=0``: the
+    whole budget in every mode; the per-sample bookkeeping included), and TorchDEQ's solver functions (eager, its
+    only mode) when installed."""
+    x, z0 = p.x, p.z0
+    known = overhead_cases(p, iters, deq, device)
+    eager_cases = [case for case in known if case.library == "eager"]
+    peer_cases = [case for case in known if case.library == PEER and case.path == "solver function" and case.solver]
+
+    def bare_compiled(block: Block) -> Runner:
+        def loop(z: Tensor, x: Tensor) -> Tensor:
+            for _ in range(iters):
+                z = block(z, x)
+            return z
+
+        compiled = torch.compile(loop, fullgraph=True, dynamic=False)
+        return lambda: compiled(z0, x)
+
+    compiled_bare = OverheadCase("bare loop, `torch.compile`", "eager", "compiled loop", None, bare_compiled, nfe=iters)
+    cases = [eager_cases[0], compiled_bare, *eager_cases[1:]]
+    executions = ["eager", "compiled"] + (["graph"] if device.type == "cuda" else [])
+    for execution in executions:
+        for solver in OVERHEAD_TARGETS:
+
+            def make(block: Block, solver: str = solver, execution: str = execution) -> Runner:
+                opts = OUR_OPTIONS[solver]
+                return lambda: implicit.equilibrium(
+                    block, x, z0, solver=solver, solver_options=opts, tol=0.0, max_iter=iters, execution=execution
+                )
+
+            path = f'equilibrium, execution="{execution}"'
+            cases.append(OverheadCase(solver, OURS, path, solver, make, nfe=iters + 1))
+    return cases + peer_cases
+
+
+def execution_markdown(p: OverheadProblem, rows: list[OverheadRow]) -> str:
+    """The execution table: per f-evaluation, as a multiple of each bare loop."""
+    bases = {r.case.path: r for r in rows if r.case.library == "eager"}
+    header = ["library", "path", "solver", "f-evals", "µs / f-eval (median)", *(f"× {path}" for path in bases)]
+    body = []
+    for r in rows:
+        cells = [ratio(r.us_per_eval / base.us_per_eval) for base in bases.values()]
+        body.append([r.case.library, r.case.path, r.case.label, str(r.nfe), fmt(r.us_per_eval), *cells])
+    return f"**{p.label}**\n\n" + table(header, body)
+
+
+#: Targets of the execution modes: per f-evaluation, × the bare loop in the same mode (CPU: compiled).
+COMPILED_TARGETS = {"fixed_point": 1.2, "anderson": 2.0, "broyden": 3.0}
+GRAPH_TARGET = 1.2
+
+
+def execution_summary(results: dict[str, list[OverheadRow]]) -> str:
+    header = ["problem", "solver", "compiled × compiled bare (target)", "graph × graph bare (target)", "met"]
+    body = []
+    for key, rows in results.items():
+        bases = {r.case.path: r for r in rows if r.case.library == "eager"}
+        ours = {(r.case.path, r.case.solver): r for r in rows if r.case.library == OURS}
+        for solver, target in COMPILED_TARGETS.items():
+            compiled = ours[('equilibrium, execution="compiled"', solver)].us_per_eval
+            compiled_ratio = compiled / bases["compiled loop"].us_per_eval
+            graph_row = ours.get(('equilibrium, execution="graph"', solver))
+            graph_ratio = graph_row.us_per_eval / bases["CUDA graph"].us_per_eval if graph_row else None
+            met = compiled_ratio <= target and (graph_ratio is None or graph_ratio <= GRAPH_TARGET)
+            graph_cell = f"{ratio(graph_ratio)} (≤ {GRAPH_TARGET:g}×)" if graph_ratio is not None else "— (no GPU)"
+            body.append([key, solver, f"{ratio(compiled_ratio)} (≤ {target:g}×)", graph_cell, "yes" if met else "no"])
+    return table(header, body)
+
+
 @dataclass
 class OverheadRow:
     case: OverheadCase
@@ -454,15 +524,25 @@ class OverheadRow:
 
 
 def run_overhead(
-    p: OverheadProblem, iters: int, deq: Any, device: torch.device, repeats: int, warmup: int
+    p: OverheadProblem,
+    iters: int,
+    deq: Any,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    cases: list[OverheadCase] | None = None,
 ) -> list[OverheadRow]:
-    cases = overhead_cases(p, iters, deq, device)
+    """Time ``cases`` (default :func:`overhead_cases`); ratios are to the first case (the bare eager loop)."""
+    cases = overhead_cases(p, iters, deq, device) if cases is None else cases
     nfe: dict[str, int] = {}
     runners: dict[str, Runner] = {}
     for i, case in enumerate(cases):
         key = f"{i}:{case.label}"
         if case.path == "CUDA graph":
             nfe[key] = iters
+        elif case.nfe is not None:
+            nfe[key] = case.nfe
+            case.make(p.block)()  # untimed: compilation / capture happen here (cached for the timed runner)
         else:
             counter = Counter(p.block)
             case.make(counter)()
@@ -964,7 +1044,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="forced iterations of table 1 (default 200)")
     parser.add_argument("--seeds", type=int, default=None, help="problem instances in tables 2 (default 3)")
     parser.add_argument(
-        "--only", default="overhead,tolerance,backward", help="comma-separated subset of overhead,tolerance,backward"
+        "--only",
+        default="overhead,tolerance,backward,execution",
+        help="comma-separated subset of overhead,tolerance,backward,execution",
+    )
+    parser.add_argument(
+        "--compile-iters",
+        type=int,
+        default=None,
+        help="iterations of the execution-mode table (default 40, --quick 20; compiled loops are unrolled)",
     )
     parser.add_argument("--write", action="store_true", help=f"replace the generated section of {RESULTS_PATH.name}")
     args = parser.parse_args(argv)
@@ -973,6 +1061,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.iters = args.iters or (50 if args.quick else 200)
     args.seeds = args.seeds or (1 if args.quick else 3)
+    args.compile_iters = args.compile_iters or (20 if args.quick else 40)
     return args
 
 
@@ -1009,6 +1098,21 @@ def main(argv: list[str] | None = None) -> int:
             emit(f"\nBare loop: {per_eval}.\n")
         emit("**Summary: overhead per f-evaluation, × bare loop (median)**\n")
         emit(overhead_summary(results) + "\n")
+    if "execution" in sections:
+        emit(
+            f"### 4. Execution modes ({args.compile_iters} forced iterations, no autograd; compilation and capture "
+            "happen in the untimed first call)\n"
+        )
+        exec_results: dict[str, list[OverheadRow]] = {}
+        for make in (make_p1, make_p2):
+            p = make(device)
+            cases = execution_cases(p, args.compile_iters, deq, device)
+            with torch.no_grad():
+                rows = run_overhead(p, args.compile_iters, None, device, args.repeats, args.warmup, cases)
+            exec_results[p.key] = rows
+            emit(execution_markdown(p, rows) + "\n")
+        emit("**Summary: execution modes, per f-evaluation (median), × the bare loop in the same mode**\n")
+        emit(execution_summary(exec_results) + "\n")
     if "tolerance" in sections:
         seeds = list(range(args.seeds))
         emit(

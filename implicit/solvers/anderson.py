@@ -51,9 +51,18 @@ class Anderson(Solver):
         self.views: dict[tuple[int, int], _Views] = {}
 
     def _allocate(self, z: Tensor, fz: Tensor, value: Tensor) -> None:
-        """The window's buffers, at the second step (a one-step solve never needs them), holding the first entry: the
+        """The window's storage, at the second step (a one-step solve never needs it), holding the first entry: the
         point ``z``, its value ``fz`` and the step taken from it."""
         g = fz - z
+        # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
+        self.floor = torch.finfo(g.dtype).tiny ** 0.5
+        if self.traced:
+            # One tensor per slot and the Gram matrix as (B,) entries: a step writes a slot without copying the others
+            # (torch.compile turns a slot written into a buffer into a copy of the whole buffer).
+            self.g_slots: list[Tensor] = [g]
+            self.y_slots: list[Tensor] = [value]
+            self.gram_entries: dict[tuple[int, int], Tensor] = {(0, 0): torch.linalg.vecdot(g, g)}
+            return
         batch, n = g.shape
         # Ring buffers over m slots: Y the mixed values (1 − β) x_i + β f(x_i), G the residuals f(x_i) − x_i,
         # and their Gram matrix G Gᵀ, updated by one row per step.
@@ -64,8 +73,6 @@ class Anderson(Solver):
         self.Y[:, 0] = value
         if not self.differentiable:  # the differentiable path rebuilds the Gram matrix from G at every step
             self.gram[:, 0, 0] = torch.linalg.vecdot(g, g)
-        # Floor of the regulariser's scale: keeps an all-zero window (an exact fixed point) well posed.
-        self.floor = torch.finfo(g.dtype).tiny ** 0.5
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         slot = self.k % self.m
@@ -79,33 +86,58 @@ class Anderson(Solver):
         if self.first is not None:
             self._allocate(*self.first)
             self.first = None
+        if self.traced:
+            return self._traced_step(z, fz, slot, n)
         if self.differentiable:  # fresh buffers (autograd saved the old ones) and a Gram matrix built out of place
             self.Y, self.G = self.Y.clone(), self.G.clone()
             self.G[:, slot] = fz - z
             self.Y[:, slot] = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
-            window, values = self.G[:, :n], self.Y[:, :n]
+            window = self.G[:, :n]
             gram = torch.bmm(window, window.transpose(1, 2))
-            eye = torch.eye(n, dtype=z.dtype, device=z.device)
-            ones = z.new_ones(z.shape[0], n, 1)
+            alpha = self._mixing(gram, torch.eye(n, dtype=z.dtype, device=z.device), z.new_ones(z.shape[0], n, 1), n)
+            return torch.bmm(alpha.transpose(1, 2), self.Y[:, :n])[:, 0]
+        views = self.views.get((slot, n))
+        if views is None:
+            views = self.views[(slot, n)] = self._views(slot, n)
+        torch.sub(fz, z, out=views.g_slot)
+        if self.beta == 1.0:
+            views.y_slot.copy_(fz)
         else:
-            views = self.views.get((slot, n))
-            if views is None:
-                views = self.views[(slot, n)] = self._views(slot, n)
-            torch.sub(fz, z, out=views.g_slot)
-            if self.beta == 1.0:
-                views.y_slot.copy_(fz)
-            else:
-                torch.lerp(z, fz, self.beta, out=views.y_slot)
-            row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
-            views.gram_row.copy_(row)
-            views.gram_col.copy_(row)
-            gram, values, eye, ones = views.gram, views.values, views.eye, views.ones
+            torch.lerp(z, fz, self.beta, out=views.y_slot)
+        row = torch.bmm(views.g_row, views.window_t)[:, 0]  # g · G_iᵀ: one pass over the window
+        views.gram_row.copy_(row)
+        views.gram_col.copy_(row)
+        alpha = self._mixing(views.gram, views.eye, views.ones, n)
+        return torch.bmm(alpha.transpose(1, 2), views.values)[:, 0]
+
+    def _traced_step(self, z: Tensor, fz: Tensor, slot: int, n: int) -> Tensor:
+        """:meth:`step` for ``torch.compile`` (no writes into buffers): the same arithmetic on per-slot tensors,
+        which the compiler fuses into a few passes over the window."""
+        g = fz - z
+        value = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+        if slot == len(self.g_slots):
+            self.g_slots.append(g)
+            self.y_slots.append(value)
+        else:
+            self.g_slots[slot], self.y_slots[slot] = g, value
+        for i in range(n):
+            entry = g if i == slot else self.g_slots[i]
+            self.gram_entries[(slot, i)] = self.gram_entries[(i, slot)] = torch.linalg.vecdot(g, entry)
+        gram = torch.stack([torch.stack([self.gram_entries[(i, j)] for j in range(n)], 1) for i in range(n)], 1)
+        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        alpha = self._mixing(gram, eye, z.new_ones(z.shape[0], n, 1), n)[..., 0]
+        out = alpha[:, 0, None] * self.y_slots[0]
+        for i in range(1, n):
+            out = out + alpha[:, i, None] * self.y_slots[i]
+        return out
+
+    def _mixing(self, gram: Tensor, eye: Tensor, ones: Tensor, n: int) -> Tensor:
+        """The mixing weights α ``(B, n, 1)`` from the window's Gram matrix ``(B, n, n)``."""
         # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
-        total = gram.diagonal(dim1=1, dim2=2).sum(dim=1).add_(self.floor)  # n · s (a sum is cheaper than a mean)
+        total = gram.diagonal(dim1=1, dim2=2).sum(dim=1).add(self.floor)  # n · s (a sum is cheaper than a mean)
         system = torch.addcmul(gram, total[:, None, None], eye, value=self.lam / n)
         w = torch.linalg.solve_ex(system, ones).result
-        alpha = w / w.sum(dim=1, keepdim=True)
-        return torch.bmm(alpha.transpose(1, 2), values)[:, 0]
+        return w / w.sum(dim=1, keepdim=True)
 
     def _views(self, slot: int, n: int) -> _Views:
         """Views of the buffers used by a step writing ``slot`` with ``n`` filled slots; built once per (slot, n)

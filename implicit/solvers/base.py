@@ -89,6 +89,10 @@ class Solver(Configurable):
     capturable: ClassVar[bool] = True
 
     differentiable: bool = False
+    #: set by the loop before :meth:`start`: the steps are traced by ``torch.compile`` (``execution="compiled"``), so
+    #: ``differentiable`` is set too; a solver may then keep its history in separate tensors rather than buffers
+    #: (which the compiler copies whole at every write).
+    traced: bool = False
 
     @classmethod
     def general(cls) -> bool:
@@ -464,7 +468,8 @@ def iterate(solver: Solver, fn: FlatMap, z0: Tensor, loop: Loop | None = None, *
 
     with nullcontext() if grad == torch.is_grad_enabled() else torch.set_grad_enabled(grad):
         # Out-of-place steps under autograd and torch.compile (which cannot trace ``out=`` writes into views).
-        solver.start(z0, differentiable or loop.execution == "compiled", loop.state)
+        solver.traced = loop.execution == "compiled"
+        solver.start(z0, differentiable or solver.traced, loop.state)
         z = z0
         nfe = 0
         for k in range(max_iter + 1):

@@ -64,23 +64,35 @@ class Broyden(Solver):
             )
         count = 0 if initial is None else initial.rank
         self.memory = max(self.memory, count + 1)
+        self.count = count
+        self.previous: tuple[Tensor, Tensor] | None = None  # the last residual and step
+        if self.traced:
+            self.like = z0  # the shape of an empty estimate
+            # One (B, 1, N) row per stored pair: a store writes one pair without copying the others (torch.compile
+            # turns a pair written into a buffer into a copy of the whole buffer).
+            self.u_rows: list[Tensor] = [] if initial is None else list(initial.U.split(1, dim=1))
+            self.v_rows: list[Tensor] = [] if initial is None else list(initial.V.split(1, dim=1))
+            return
         # Only the first `count` rows are ever read: no need to zero-fill (costly for large memory × N).
         self.U = z0.new_empty(batch, self.memory, n)
         self.V = z0.new_empty(batch, self.memory, n)
         if initial is not None and count:
             self.U[:, :count] = initial.U
             self.V[:, :count] = initial.V
-        self.count = count
-        self.estimates: dict[int, LowRankInverse] = {}  # views of the buffers by rank, while they are not replaced
-        self.previous: tuple[Tensor, Tensor] | None = None  # the last residual and step
+        self.estimates: dict[int, LowRankInverse] = {}  # views of the buffers by rank
 
     def _store(self, r: int, u: Tensor, v: Tensor) -> None:
         """Put the pair ``(u, v)`` (rows ``(B, 1, N)``) in slot r. Computed out of place and copied: an ``out=``
         into the factor buffers, which the same kernels read, takes PyTorch's slow overlapping-memory path."""
-        if self.differentiable:  # autograd saved the old buffers: write into fresh ones
-            self.U, self.V = self.U.clone(), self.V.clone()
-        self.U[:, r : r + 1] = u
-        self.V[:, r : r + 1] = v
+        if self.traced:
+            del self.u_rows[r:], self.v_rows[r:]
+            self.u_rows.append(u)
+            self.v_rows.append(v)
+        else:
+            if self.differentiable:  # autograd saved the old buffers: write into fresh ones
+                self.U, self.V = self.U.clone(), self.V.clone()
+            self.U[:, r : r + 1] = u
+            self.V[:, r : r + 1] = v
         self.count = r + 1
 
     def _estimate(self, rank: int) -> LowRankInverse:
@@ -92,19 +104,31 @@ class Broyden(Solver):
             estimate = self.estimates[rank] = LowRankInverse(self.U[:, :rank], self.V[:, :rank])
         return estimate
 
+    def _products(self, rank: int, y: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``H y`` and ``sᵀ H`` (rows ``(B, 1, N)``) with the first ``rank`` stored pairs."""
+        if not self.traced:
+            estimate = self._estimate(rank)
+            return estimate.matvec(y), estimate.rmatvec(s)
+        h_y, s_h = -y, -s  # H = −I + Σ u_i v_iᵀ, term by term (fused by torch.compile)
+        for u, v in zip(self.u_rows[:rank], self.v_rows[:rank]):
+            h_y = h_y + u * torch.linalg.vecdot(v, y)[..., None]
+            s_h = s_h + v * torch.linalg.vecdot(u, s)[..., None]
+        return h_y, s_h
+
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
         if self.previous is None:  # −H_0 g: plain iteration when H_0 = −I
-            step = self._estimate(self.count).matvec(g, negate=True)
+            if not self.traced:
+                step = self._estimate(self.count).matvec(g, negate=True)
+            else:
+                step = g if self.count == 0 else -self._products(self.count, g[:, None], g[:, None])[0][:, 0]
         else:
             prev_g, prev_step = self.previous
             s = prev_step[:, None]  # rows (B, 1, N)
             y = (g - prev_g)[:, None]
             r = 0 if self.count == self.memory else self.count  # restart: H ← −I, this pair computed against −I
             if r:
-                estimate = self._estimate(r)
-                h_y = estimate.matvec(y)  # H y
-                v = estimate.rmatvec(s)  # vᵀ = sᵀ H
+                h_y, v = self._products(r, y, s)  # H y and vᵀ = sᵀ H
                 minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
                 direction = minus_h_g
             else:
@@ -121,4 +145,8 @@ class Broyden(Solver):
         return z + step
 
     def inverse_jacobian(self) -> LowRankInverse:
+        if self.traced:
+            if not self.u_rows:
+                return LowRankInverse.identity(self.like)
+            return LowRankInverse(torch.cat(self.u_rows, dim=1), torch.cat(self.v_rows, dim=1))
         return self._estimate(self.count)
