@@ -1,0 +1,5 @@
+"""``python -m integrations.jiio demo`` (see :mod:`integrations.jiio.commands`)."""
+
+from .commands import main
+
+main()
