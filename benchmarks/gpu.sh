@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 part cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     "tests/test_flow_model.py::test_cuda_parity_and_training_step" "tests/test_doctor.py::test_cuda_float32"
-part solver_overhead 240 "$PY" -m benchmarks.solver_overhead --device cuda --quick
+part solver_overhead 360 "$PY" -m benchmarks.solver_overhead --device cuda --quick --only overhead,execution
 part flow 240 "$PY" -m benchmarks.flow --device cuda --rows memory steptime --batch 1 --repeats 3
 
 echo "== $failed part(s) failed"
