@@ -57,3 +57,19 @@ def test_deq_flow_example_runs_as_written():
     model = namespace["model"]
     assert model.eval_max_iter == 36 and model.checkpoint_encoders
     assert all(p.grad is not None for p in model.update_block.parameters())
+
+
+def test_vision_examples_run_as_written():
+    """The HRNet → MDEQ example (logits, the Jacobian term, gradients reaching timm's stage) and the alignment example
+    that follows it, in one namespace."""
+    pytest.importorskip("timm")
+    blocks = _section_blocks("## Convert a timm HRNet into a multiscale DEQ")
+    assert len(blocks) == 2
+    torch.manual_seed(0)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    model, aa = namespace["model"], namespace["aa"]
+    assert namespace["logits"].shape == (8, 10) and torch.isfinite(namespace["loss"])
+    assert all(p.grad is not None for p in model.deq.parameters())
+    assert aa.per_example.shape == (8,) and bool(((aa.per_example > -1 - 1e-6) & (aa.per_example < 1 + 1e-6)).all())

@@ -5,7 +5,6 @@ on synthetic data from random initialisation, report EPE and convergence before 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoints import parse_engine_options
 from .data import AUGMENTATION_PRESETS, flow_dataset
 from .metrics import endpoint_error
 from .model import DEQFlow
@@ -51,14 +51,7 @@ def _implicit_options(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = value
     if args.checkpoint_encoders:
         options["checkpoint_encoders"] = True
-    for item in args.option:
-        name, separator, value = item.partition("=")
-        if not separator:
-            raise SystemExit(f"--option {item!r}: expected NAME=JSON, e.g. jac_loss_probes=1")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value  # a bare string, e.g. --option stop_mode=rel
+    options.update(parse_engine_options(args.option, example="jac_loss_probes=1"))
     return options
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from torchvision.models import optical_flow
 
 from implicit import ImplicitInfo
 
+from ..checkpoints import read_training_state, restore_training_state, save_training_state
 from .data import AUGMENTATION_PRESETS, FlowAugmentation, flow_dataset, pad_to_multiple
 from .metrics import FlowMetrics, sequence_loss
 from .model import DEQFlow, raft_to_deq_flow
@@ -302,46 +301,27 @@ class Run:
 
     def save(self, path: str | Path) -> Path:
         """Model (RAFT's state dict), optimiser, scheduler, step, histories and random states."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "history": self.history,
-            "validations": self.validations,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, temporary)
-        temporary.replace(path)  # never a half-written checkpoint
-        return path
+        return save_training_state(
+            path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            config=self.config.to_dict(),
+            step=self.step,
+            history=self.history,
+            validations=self.validations,
+        )
 
     @classmethod
     def load(cls, path: str | Path, **changes: Any) -> Run:
         """A run resumed from a checkpoint; ``changes`` replace config fields (e.g. ``steps`` to extend it,
         ``device``)."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        config = TrainConfig.from_dict({**state["config"], **changes})
-        run = cls.start(config)
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        if "steps" not in changes:
-            run.scheduler.load_state_dict(state["scheduler"])
-        else:  # a longer run: the same schedule shape over the new length, at the reached step
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
-                for _ in range(state["step"]):
-                    run.scheduler.step()
+        state = read_training_state(path)
+        run = cls.start(TrainConfig.from_dict({**state["config"], **changes}))
+        restore_training_state(
+            state, run.model, run.optimizer, run.scheduler, step=state["step"], rescheduled="steps" in changes
+        )
         run.step, run.history, run.validations = state["step"], state["history"], state["validations"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return run
 
     def validate(self, val_set: Dataset) -> dict[str, float]:
