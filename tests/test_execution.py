@@ -66,8 +66,16 @@ def test_compiled_solve_returns_the_eager_result(solver):
         {"solver": "anderson", "backward": "implicit", "jac_loss_probes": 1, "stagnation": (4, 1.5)},
         {"solver": "broyden", "backward": "shine", "correction": 2},
         {"solver": "fixed_point", "backward": "unrolled"},
+        {"solver": "anderson", "backward": "phantom", "backward_options": {"steps": 3}},
+        {"solver": "fixed_point", "backward": "one_step"},
     ],
-    ids=["anderson-implicit-jac-stagnation", "broyden-shine-correction", "fixed_point-unrolled"],
+    ids=[
+        "anderson-implicit-jac-stagnation",
+        "broyden-shine-correction",
+        "fixed_point-unrolled",
+        "anderson-phantom",
+        "fixed_point-one_step",
+    ],
 )
 def test_compiled_layer_gives_eager_values_and_gradients(options, aot_eager):
     """Values, the Jacobian-regulariser estimate and parameter / input gradients equal eager mode's in float64, in
