@@ -29,11 +29,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$OUT/device.txt"
 
-part cuda_tests 360 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+part cuda_tests 270 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     "tests/test_flow_model.py::test_cuda_parity_and_training_step" "tests/test_doctor.py::test_cuda_float32" \
     "tests/test_jiio.py::test_cuda_matches_cpu"
-part solver_overhead 360 "$PY" -m benchmarks.solver_overhead --device cuda --quick --only overhead,execution
-part flow 240 "$PY" -m benchmarks.flow --device cuda --rows memory steptime --batch 1 --repeats 3
+part solver_overhead 270 "$PY" -m benchmarks.solver_overhead --device cuda --quick --only overhead,execution
+part flow 180 "$PY" -m benchmarks.flow --device cuda --rows memory steptime --batch 1 --repeats 3
 
 echo "== $failed part(s) failed"
 exit "$failed"
