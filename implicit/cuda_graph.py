@@ -91,7 +91,13 @@ def graph_solve(
         _module_key(owner) if isinstance(owner, nn.Module) else None,
         torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda"),
     )
-    captures = _CAPTURES.setdefault(owner, OrderedDict())
+    try:
+        captures = _CAPTURES.setdefault(owner, OrderedDict())
+    except TypeError:  # not weakly referenceable
+        raise ValueError(
+            f"execution='graph' keeps its captures per block, and a {type(owner).__name__} cannot be weakly "
+            "referenced: pass an nn.Module or a function as the block"
+        ) from None
     capture = captures.get(key)
     if capture is None:
         capture = captures[key] = _capture(solve, f, leaves, spec, z0, layout, loop)
