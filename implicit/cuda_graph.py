@@ -42,14 +42,16 @@ from .types import State
 
 #: Captures kept per block (least recently used dropped first).
 MAX_CAPTURES = 4
+#: Device types whose solves are captured (the tests add a stand-in recorder for the CPU).
+CAPTURE_DEVICES = ("cuda",)
 
 
 @dataclass
 class _Capture:
-    """One captured solve: the graph, its input buffers (the injection's tensor leaves and ``z0``) and its result
-    (tensors the replays overwrite)."""
+    """One captured solve: its replay, its input buffers (the injection's tensor leaves and ``z0``) and its result
+    (tensors each replay overwrites)."""
 
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]
     inputs: list[Tensor]
     z0: Tensor
     result: SolverResult
@@ -70,7 +72,7 @@ def graph_solve(
 ) -> SolverResult:
     """Solve ``z = f(z, x)`` from the flat ``z0`` (``(B, N)``) with ``solve``'s solver and loop (``changes`` applied)
     by replaying a CUDA graph, capturing it first if this signature has none."""
-    if z0.device.type != "cuda":
+    if z0.device.type not in CAPTURE_DEVICES:
         raise ValueError(
             f"execution='graph' captures CUDA graphs, but the state is on {z0.device}: use execution='compiled' "
             "(CPU) or 'eager'"
@@ -108,7 +110,7 @@ def graph_solve(
         for buffer, value in zip(capture.inputs, tensors):
             buffer.copy_(value)
         capture.z0.copy_(z0)
-        capture.graph.replay()
+        capture.replay()
         return _copy(capture.result)
 
 
@@ -154,24 +156,30 @@ def _capture(
     def fn(z: Tensor) -> Tensor:
         return layout.flatten(f(layout.unflatten(z), static_x), what="the block's output")
 
-    device = z0.device
+    replay, result = record(lambda: solve.solver.run(fn, static_z0, loop), z0.device)
+    return _Capture(replay=replay, inputs=inputs, z0=static_z0, result=result)
+
+
+def record(run: Callable[[], SolverResult], device: torch.device) -> tuple[Callable[[], None], SolverResult]:
+    """Capture ``run`` (a solve on static buffers, no host reads) in a CUDA graph on ``device``, after a warm-up on a
+    side stream; return the graph's replay and the result tensors it overwrites."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.no_grad(), torch.cuda.device(device):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # lazy initialisations (cuBLAS/cuSOLVER handles) happen outside the capture
-                solve.solver.run(fn, static_z0, loop)
+                run()
             torch.cuda.current_stream(device).wait_stream(side)
             with torch.cuda.graph(graph):
-                result = solve.solver.run(fn, static_z0, loop)
+                result = run()
     except RuntimeError as error:
         raise RuntimeError(
             "execution='graph': the solve could not be captured in a CUDA graph (the block or the solver "
             f"synchronises with the host or runs an operation CUDA graphs do not support: {error}); use "
             "execution='compiled' or 'eager'"
         ) from error
-    return _Capture(graph=graph, inputs=inputs, z0=static_z0, result=result)
+    return graph.replay, result
 
 
 def _copy(result: SolverResult) -> SolverResult:
@@ -193,4 +201,4 @@ def _copy(result: SolverResult) -> SolverResult:
     )
 
 
-__all__ = ["MAX_CAPTURES", "graph_solve"]
+__all__ = ["CAPTURE_DEVICES", "MAX_CAPTURES", "graph_solve", "record"]

@@ -95,8 +95,9 @@ class ImplicitOptions:
             :class:`~implicit.SolverResult` as eager mode (samples still stop at tol, frozen on the device; only
             ``nfe`` and the trace show the full budget) and work with every backward mode (``"graph"`` not with
             ``"unrolled"``, whose gradient needs the iterations' autograd graph); the backward linear solve stays
-            eager. Use them when the budget is known (inference at a fixed budget, training at the budget the model
-            needs); needs a ``capturable`` solver (fixed_point, anderson, broyden).
+            eager. ``backward="shine"`` then reuses the quasi-Newton estimate after the whole budget, not the one at
+            an adaptive stop. Use them when the budget is known (inference at a fixed budget, training at the budget
+            the model needs); needs a ``capturable`` solver (fixed_point, anderson, broyden).
     Backward:
         backward: ``"implicit"`` (exact implicit-function-theorem gradient), ``"phantom"`` (damped phantom gradient,
             unrolled or Neumann), ``"one_step"`` (Jacobian-free backprop), ``"shine"`` (forward quasi-Newton inverse

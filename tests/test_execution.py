@@ -64,7 +64,7 @@ def test_compiled_solve_returns_the_eager_result(solver):
     "options",
     [
         {"solver": "anderson", "backward": "implicit", "jac_loss_probes": 1, "stagnation": (4, 1.5)},
-        {"solver": "broyden", "backward": "shine", "correction": 2},
+        {"solver": "broyden", "backward": "shine", "correction": 2, "tol": 0.0},  # SHINE: see the graph test
         {"solver": "fixed_point", "backward": "unrolled"},
         {"solver": "anderson", "backward": "phantom", "backward_options": {"steps": 3}},
         {"solver": "fixed_point", "backward": "one_step"},
@@ -84,7 +84,7 @@ def test_compiled_layer_gives_eager_values_and_gradients(options, aot_eager):
     p = tanh_problem(0.8, "gauss", 1.0, batch=3, n=10)
     results = {}
     for execution in ("eager", "compiled"):
-        layer = make_implicit(p.block, execution=execution, **SMALL, **options)
+        layer = make_implicit(p.block, execution=execution, **{**SMALL, **options})
         x = p.x.clone().requires_grad_()
         torch.manual_seed(0)  # the Jacobian regulariser's probes
         out, info = layer(x, return_info=True)
@@ -203,3 +203,105 @@ def test_a_block_dynamo_cannot_trace_raises_instead_of_running_eagerly(aot_eager
     x = torch.randn(2, 4)
     with pytest.raises(Exception, match=r"(?i)graph break|data-dependent|Unsupported"):
         implicit.equilibrium(block, x, torch.zeros_like(x), execution="compiled", max_iter=3)
+
+
+# ------------------------------------------------------------------------------ execution="graph" without a GPU
+@pytest.fixture
+def stand_in_recorder(monkeypatch):
+    """``implicit.cuda_graph`` with the CUDA recorder replaced by one that reruns the captured solve on its static
+    buffers and writes the results into the captured result's tensors: what a graph replay does, observably. Counts
+    the captures."""
+    from implicit import cuda_graph
+
+    captures = []
+
+    def record(run, device):
+        result = run()
+        captures.append(result)
+
+        def replay():
+            fresh = run()
+            for name in (*RESULT_TENSORS, "trace"):
+                getattr(result, name).copy_(getattr(fresh, name))
+            for mine, new in zip(result.trajectory, fresh.trajectory, strict=True):
+                mine.copy_(new)
+            if result.inverse_jacobian is not None:
+                result.inverse_jacobian.U.copy_(fresh.inverse_jacobian.U)
+                result.inverse_jacobian.V.copy_(fresh.inverse_jacobian.V)
+
+        return replay, result
+
+    monkeypatch.setattr(cuda_graph, "CAPTURE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(cuda_graph, "record", record)
+    return captures
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_graph_replays_read_the_new_inputs_and_hand_out_fresh_results(stand_in_recorder, solver):
+    p = tanh_problem(0.8, "gauss", 1.0, batch=4, n=10).frozen()
+    options = dict(solver=solver, tol=1e-6, max_iter=20, check_every=2, correction=2)
+    graph = make_implicit(p.block, execution="graph", **options)
+    eager = make_implicit(p.block, **options)
+    outputs = []
+    for scale in (1.0, 0.5, 2.0):
+        out_g, info_g = graph(p.x * scale, return_info=True)
+        out_e, info_e = eager(p.x * scale, return_info=True)
+        for a, b in zip(out_g, out_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.equal(info_g.forward.nstep, info_e.forward.nstep) and info_g.forward.nfe == 21
+        outputs.append((out_g[-1], out_g[-1].clone()))
+    assert len(stand_in_recorder) == 1  # one capture, replayed
+    assert all(torch.equal(a, b) for a, b in outputs)  # earlier results are not overwritten by later replays
+
+
+def test_graph_captures_are_keyed_and_bounded(stand_in_recorder):
+    from implicit import cuda_graph
+
+    p = tanh_problem(0.8, "gauss", 1.0, batch=8, n=10)
+    layer = make_implicit(p.block, execution="graph", max_iter=8)
+    with torch.no_grad():
+        layer(p.x[:2])
+        layer(p.x[:2] + 1)  # same signature: replayed
+        assert len(stand_in_recorder) == 1
+        for batch in range(3, 8):  # new shapes: captured, the oldest dropped beyond MAX_CAPTURES
+            layer(p.x[:batch])
+        assert len(stand_in_recorder) == 6 and len(cuda_graph._CAPTURES[layer]) == cuda_graph.MAX_CAPTURES
+        p.block.W.mul_(0.9)  # in place (an optimizer step): the same storage, replayed
+        torch.testing.assert_close(layer(p.x[:7]), make_implicit(p.block, max_iter=8)(p.x[:7]))
+        assert len(stand_in_recorder) == 6
+        p.block.W = torch.nn.Parameter(p.block.W.detach() * 0.9)  # a new storage: captured anew
+        layer(p.x[:7])
+        assert len(stand_in_recorder) == 7
+        layer.eval()  # other module modes: captured anew
+        layer(p.x[:7])
+        assert len(stand_in_recorder) == 8
+        layer(p.x[:7], max_iter=9)  # other loop settings: captured anew
+        assert len(stand_in_recorder) == 9
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "shine"])
+def test_graph_execution_gradients_equal_eager(stand_in_recorder, backward):
+    """Equal to eager mode's, SHINE's included when eager mode runs the whole budget too (SHINE reuses the solver's
+    inverse-Jacobian estimate after its last step, which a fixed budget takes later than an adaptive stop)."""
+    p = tanh_problem(0.8, "gauss", 1.0, batch=3, n=10)
+    tol = 0.0 if backward == "shine" else 1e-9
+    options = dict(tol=tol, max_iter=40, backward=backward, solver="broyden" if backward == "shine" else "anderson")
+    grads = []
+    for execution in ("graph", "eager"):
+        x = p.x.clone().requires_grad_()
+        z = make_implicit(p.block, execution=execution, **options)(x)
+        grads.append(torch.autograd.grad(z.pow(2).sum(), [x, *p.params]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_graph_execution_rejects_parametrised_weights_and_warm_starts(stand_in_recorder):
+    p = tanh_problem(0.8, "gauss", 1.0, batch=3, n=10)
+    torch.nn.utils.parametrizations.weight_norm(p.block, name="W")
+    with pytest.raises(ValueError, match="parametrised weights"):
+        make_implicit(p.block, execution="graph")(p.x)
+    q = tanh_problem(0.8, "gauss", 1.0, batch=3, n=10)
+    with pytest.raises(ValueError, match="warm-start solver_state"):
+        make_implicit(q.block, execution="graph", solver="broyden")(
+            q.x, solver_state={"inverse_jacobian": implicit.LowRankInverse.identity(q.x)}
+        )
