@@ -12,12 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import HealthCheck, given, settings
 from problems import tanh_problem
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_structure, tree_unflatten
 
 import implicit
 from implicit import make_implicit
 from implicit.solvers import base
+from implicit.testing import strategies as st
 
 SMALL = {"tol": 1e-6, "max_iter": 10, "check_every": 2}
 RESULT_TENSORS = ("z", "abs", "rel", "nstep", "converged", "diverged", "stalled")
@@ -305,3 +308,38 @@ def test_graph_execution_rejects_parametrised_weights_and_warm_starts(stand_in_r
         make_implicit(q.block, execution="graph", solver="broyden")(
             q.x, solver_state={"inverse_jacobian": implicit.LowRankInverse.identity(q.x)}
         )
+
+
+# ------------------------------------------------------------------------------------------------ property test
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    problem=st.problems(),
+    options=st.solver_options(
+        solvers=("fixed_point", "anderson", "broyden"),
+        backward_modes=("implicit", "phantom", "one_step", "unrolled"),
+        max_iter=(3, 10),
+        check_every=(1, 3),
+    ),
+)
+def test_compiled_execution_equals_eager_on_drawn_problems(aot_eager, problem, options):
+    """Drawn state pytrees, solvers, their options and backward modes: the compiled fixed-budget solve returns eager
+    mode's per-sample state and stopping, and the same gradients."""
+    block, x, z0 = problem
+    results = []
+    for execution in ("eager", "compiled"):
+        torch._dynamo.reset()
+        leaves = [leaf.clone().requires_grad_() for leaf in tree_leaves(x)]
+        x_in = tree_unflatten(leaves, tree_structure(x))
+        z, info = implicit.equilibrium(block, x_in, z0, execution=execution, **options)
+        loss = sum((leaf * leaf).sum() for leaf in tree_leaves(z))
+        grads = torch.autograd.grad(loss, [*leaves, *block.parameters()], allow_unused=True)
+        results.append((tree_leaves(z), info.forward, grads))
+    (z_e, f_e, g_e), (z_c, f_c, g_c) = results
+    for a, b in zip(z_c, z_e, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert torch.equal(f_c.nstep, f_e.nstep) and torch.equal(f_c.converged, f_e.converged)
+    for a, b in zip(g_c, g_e, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
