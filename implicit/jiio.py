@@ -43,11 +43,12 @@ from torch import Tensor
 
 from .dropout import implicit_call
 from .module import ImplicitMixin, equilibrium, parametrizations_cached
-from .options import ImplicitOptions
+from .options import ImplicitOptions, check_number
 from .problem import Problem, report_divergence
 from .pytree import StateLayout, all_finite, tree_tensors
+from .registry import check_choice
 from .result import ImplicitInfo, SolverResult
-from .solvers import SOLVERS, Loop
+from .solvers import SOLVERS, STOP_MODES, Loop
 from .types import State
 
 CONSTRAINTS = ("box", "l2", "linf")
@@ -389,14 +390,10 @@ def jiio(
 
 
 def _check_loop(loop: Loop) -> None:
-    if isinstance(loop.max_iter, bool) or not isinstance(loop.max_iter, int) or loop.max_iter < 1:
-        raise ValueError(f"max_iter must be an integer ≥ 1, got {loop.max_iter!r}")
-    if isinstance(loop.tol, bool) or not isinstance(loop.tol, (int, float)) or not loop.tol >= 0:
-        raise ValueError(f"tol must be a number ≥ 0, got {loop.tol!r}")
-    if loop.stop_mode not in ("abs", "rel"):
-        raise ValueError(f"stop_mode must be 'abs' or 'rel', got {loop.stop_mode!r}")
-    if isinstance(loop.check_every, bool) or not isinstance(loop.check_every, int) or loop.check_every < 1:
-        raise ValueError(f"check_every must be an integer ≥ 1, got {loop.check_every!r}")
+    check_number("max_iter", loop.max_iter, minimum=1, integer=True)
+    check_number("tol", loop.tol, minimum=0.0)
+    check_choice("option stop_mode", loop.stop_mode, STOP_MODES)
+    check_number("check_every", loop.check_every, minimum=1, integer=True)
 
 
 def _implicit(

@@ -274,7 +274,8 @@ def _build(
     return cls(**options)  # value checks live in the component's constructor
 
 
-def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
+def check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
+    """Raise ``ValueError`` unless the option ``name`` is a finite number (an integer with ``integer``) ≥ minimum."""
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
         what = "an integer" if integer else "a finite number"
@@ -289,14 +290,14 @@ def check_flag(name: str, value: Any) -> None:
 
 def _validate(o: ImplicitOptions) -> None:
     for prefix in ("", "backward_"):
-        _check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)
-        _check_number(f"{prefix}max_iter", getattr(o, f"{prefix}max_iter"), minimum=1, integer=True)
+        check_number(f"{prefix}tol", getattr(o, f"{prefix}tol"), minimum=0.0)
+        check_number(f"{prefix}max_iter", getattr(o, f"{prefix}max_iter"), minimum=1, integer=True)
         check_choice(f"option {prefix}stop_mode", getattr(o, f"{prefix}stop_mode"), STOP_MODES)
-    _check_number("check_every", o.check_every, minimum=1, integer=True)
-    _check_number("correction_steps", o.correction_steps, minimum=1, integer=True)
+    check_number("check_every", o.check_every, minimum=1, integer=True)
+    check_number("correction_steps", o.correction_steps, minimum=1, integer=True)
     if not (isinstance(o.correction_tau, (int, float)) and 0 < o.correction_tau <= 1):
         raise ValueError(f"option correction_tau must be in (0, 1], got {o.correction_tau!r}")
-    _check_number("jac_loss_probes", o.jac_loss_probes, minimum=0, integer=True)
+    check_number("jac_loss_probes", o.jac_loss_probes, minimum=0, integer=True)
     if not (isinstance(o.jac_loss_prob, (int, float)) and 0 <= o.jac_loss_prob <= 1):
         raise ValueError(f"option jac_loss_prob must be in [0, 1], got {o.jac_loss_prob!r}")
     check_choice("option jac_loss_probe", o.jac_loss_probe, PROBES)
@@ -321,4 +322,4 @@ def _validate(o: ImplicitOptions) -> None:
         )
 
 
-__all__ = ["OPTION_NAMES", "FrozenMapping", "ImplicitOptions", "check_flag", "resolve_options"]
+__all__ = ["OPTION_NAMES", "FrozenMapping", "ImplicitOptions", "check_flag", "check_number", "resolve_options"]
