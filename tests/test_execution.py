@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch._dynamo
 from hypothesis import HealthCheck, given, settings
-from problems import tanh_problem
+from problems import count_host_reads, tanh_problem
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_structure, tree_unflatten
 
@@ -206,6 +206,26 @@ def test_a_block_dynamo_cannot_trace_raises_instead_of_running_eagerly(aot_eager
     x = torch.randn(2, 4)
     with pytest.raises(Exception, match=r"(?i)graph break|data-dependent|Unsupported"):
         implicit.equilibrium(block, x, torch.zeros_like(x), execution="compiled", max_iter=3)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_the_fixed_budget_loop_never_reads_the_host(monkeypatch, solver):
+    """What a CUDA-graph capture needs of the loop (and what keeps dynamo's graph whole), checked on the CPU: with
+    execution="graph" or "compiled" the loop reads no device value — stopping, stagnation, correction records and
+    Broyden's restarts included — while the eager loop reads one per check."""
+    p = tanh_problem(0.8, "gauss", 1.0, batch=4, n=10).frozen()
+    loop = dict(tol=1e-6, max_iter=30, check_every=2, stagnation=(4, 1.5), record_at=(3, 9))
+    options = {"memory": 3} if solver == "broyden" else {}
+    solver_cls = implicit.SOLVERS.lookup(solver)
+    reads = count_host_reads(monkeypatch)
+    for execution in ("graph", "eager"):
+        reads.clear()
+        base.iterate(solver_cls(**options), p.fn, p.z0(), execution=execution, **loop)
+        if execution == "graph":
+            assert reads == []
+        else:
+            assert reads
+    monkeypatch.undo()
 
 
 # ------------------------------------------------------------------------------ execution="graph" without a GPU
