@@ -49,6 +49,7 @@ from .pytree import StateLayout, all_finite, tree_tensors
 from .registry import check_choice
 from .result import ImplicitInfo, SolverResult
 from .solvers import SOLVERS, STOP_MODES, Loop
+from .solvers.base import residual
 from .types import State
 
 CONSTRAINTS = ("box", "l2", "linf")
@@ -262,13 +263,6 @@ class AugmentedMap:
         return torch.cat((z_new, mu_new, x_new), dim=1)
 
 
-def _component_residual(new: Tensor, old: Tensor, stop_mode: str) -> Tensor:
-    diff = torch.linalg.vector_norm(new - old, dim=1)
-    if stop_mode == "abs":
-        return diff / math.sqrt(max(new.shape[1], 1))
-    return diff / (torch.linalg.vector_norm(new, dim=1) + torch.finfo(new.dtype).tiny ** 0.5)
-
-
 # ---------------------------------------------------------------------------------------------------- entry point
 def jiio(
     deq: ImplicitMixin,
@@ -371,9 +365,9 @@ def jiio(
             x_next = projection(x - T.alpha_x * gx)
         info = JIIOResult(
             **{field.name: getattr(result, field.name) for field in dataclasses.fields(SolverResult)},
-            residual_z=_component_residual(fz, z, stop_mode),
-            residual_mu=_component_residual(gz, mu, stop_mode),
-            residual_x=_component_residual(x_next, x, stop_mode),
+            residual_z=residual(fz, z, stop_mode),
+            residual_mu=residual(gz, mu, stop_mode),
+            residual_x=residual(x_next, x, stop_mode),
             objective=loss,
             mu=z_layout.unflatten(mu),
             violation=projection.violation(x),

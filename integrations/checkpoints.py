@@ -1,12 +1,10 @@
-"""What the integrations' training commands share: checkpoints that resume a run exactly (model, optimiser,
-learning-rate schedule, random states; written atomically), and the ``--option NAME=JSON`` engine options."""
+"""Checkpoints of the integrations' training runs that resume a run exactly: model, optimiser, learning-rate
+schedule and random states, written atomically."""
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +81,3 @@ def restore_training_state(
     else:
         scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
-
-
-def parse_engine_options(items: Iterable[str], *, example: str = "jac_loss_probes=1") -> dict[str, Any]:
-    """``--option NAME=VALUE`` arguments as engine options: VALUE is JSON (``1``, ``1e-4``, ``[30, 1.3]``) or, when
-    it is not, a bare string (``stop_mode=abs``); ``SystemExit`` for an item without ``=``."""
-    options: dict[str, Any] = {}
-    for item in items:
-        name, separator, value = item.partition("=")
-        if not separator:
-            raise SystemExit(f"--option {item!r}: expected NAME=JSON, e.g. {example}")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options

@@ -171,7 +171,7 @@ class Anderson(Solver):
     def _mixing(self, gram: Tensor, eye: Tensor, ones: Tensor, n: int) -> Tensor:
         """The mixing weights α ``(B, n, 1)`` from the window's Gram matrix ``(B, n, n)``."""
         # (GGᵀ + λ s I) w = 1 with s the mean squared residual: the same α as (GGᵀ/s + λ I), scale-free.
-        total = gram.diagonal(dim1=1, dim2=2).sum(dim=1).add(self.floor)  # n · s (a sum is cheaper than a mean)
+        total = gram.diagonal(dim1=1, dim2=2).sum(dim=1).add_(self.floor)  # n · s (a sum is cheaper than a mean)
         system = torch.addcmul(gram, total[:, None, None], eye, value=self.lam / n)
         w = torch.linalg.solve_ex(system, ones).result
         return w / w.sum(dim=1, keepdim=True)

@@ -304,6 +304,16 @@ def _constants(dtype: torch.dtype, n: int, tol: float, explode: float) -> _Const
     return constants
 
 
+def residual(fz: Tensor, z: Tensor, stop_mode: str) -> Tensor:
+    """``(B,)`` residual of the points ``z`` (``(B, N)``) given ``fz = fn(z)``, in ``stop_mode``, as the solves
+    measure it: ``"rel"`` ``‖f(z) − z‖ / (‖f(z)‖ + eps)``, ``"abs"`` ``‖f(z) − z‖ / √N``."""
+    constants = _constants(z.dtype, max(z.shape[1], 1), 0.0, 1.0)
+    gnorm = torch.linalg.vector_norm(fz - z, dim=1)
+    if stop_mode == "rel":
+        return gnorm / (torch.linalg.vector_norm(fz, dim=1) + constants.eps)
+    return gnorm * constants.scale
+
+
 class Monitor:
     """Per-sample bookkeeping shared by every solver loop: residuals of measured points, the best iterate, stopping
     (converged / diverged / stalled) and the trace. Everything stays on the device; :meth:`any_active` is the only host

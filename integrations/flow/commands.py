@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..checkpoints import parse_engine_options
+from ..engine_options import add_option_argument, engine_options
 from .data import AUGMENTATION_PRESETS, flow_dataset
 from .metrics import endpoint_error
 from .model import DEQFlow
@@ -34,24 +34,14 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backward", help="backward mode (default phantom, 1 step)")
     group.add_argument("--h0", choices=("tanh", "zeros"), help="initial hidden state (default tanh)")
     group.add_argument("--checkpoint-encoders", action="store_true", help="encoders under torch.utils.checkpoint")
-    group.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="NAME=JSON",
-        help="another engine option, its value in JSON (repeatable): --option jac_loss_probes=1",
-    )
+    add_option_argument(group, example="jac_loss_probes=1")
 
 
 def _implicit_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name in ("solver", "max_iter", "eval_max_iter", "tol", "correction", "preset", "backward", "h0"):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
+    names = ("solver", "max_iter", "eval_max_iter", "tol", "correction", "preset", "backward", "h0")
+    options = engine_options(args, names, example="jac_loss_probes=1")
     if args.checkpoint_encoders:
         options["checkpoint_encoders"] = True
-    options.update(parse_engine_options(args.option, example="jac_loss_probes=1"))
     return options
 
 

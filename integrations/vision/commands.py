@@ -16,7 +16,7 @@ import torch
 
 from implicit.analysis import STARTS, alignment_correlation, asymptotic_alignment, budget_table, format_table
 
-from ..checkpoints import parse_engine_options
+from ..engine_options import add_option_argument, engine_options
 from .data import image_dataset
 from .model import HEADS, STAGES, MDEQClassifier
 from .train import Run, TrainConfig, count_parameters, evaluate, load_model, train, write_history
@@ -33,22 +33,12 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tol", type=float, help="stopping tolerance (default 1e-3, relative)")
     group.add_argument("--backward", help="backward mode (default phantom)")
     group.add_argument("--jac-loss-probes", type=int, help="Jacobian regularisation probes (default 0: off)")
-    group.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="NAME=JSON",
-        help="another engine option, its value in JSON (repeatable): --option jac_loss_prob=0.5",
-    )
+    add_option_argument(group, example="jac_loss_prob=0.5")
 
 
 def _implicit_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name in ("solver", "max_iter", "tol", "backward", "jac_loss_probes"):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    options.update(parse_engine_options(args.option, example="jac_loss_prob=0.5"))
+    names = ("solver", "max_iter", "tol", "backward", "jac_loss_probes")
+    options = engine_options(args, names, example="jac_loss_prob=0.5")
     return options
 
 
