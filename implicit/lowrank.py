@@ -43,29 +43,32 @@ class LowRankInverse:
         """The number of stored pairs r."""
         return self.U.shape[1]
 
-    def matvec(self, x: Tensor, *, negate: bool = False) -> Tensor:
-        """``H x`` (``−H x`` with ``negate``) for every row x: ``−x + (x Vᵀ) U``."""
-        return _product(x, self.V, self.U, negate)
+    def matvec(self, x: Tensor, *, negate: bool = False, out: Tensor | None = None) -> Tensor:
+        """``H x`` (``−H x`` with ``negate``) for every row x: ``−x + (x Vᵀ) U``; written into ``out`` (shaped like
+        ``x``, not overlapping the factors or ``x``) when given."""
+        return _product(x, self.V, self.U, negate, out)
 
-    def rmatvec(self, x: Tensor, *, negate: bool = False) -> Tensor:
-        """``xᵀ H`` (``−xᵀ H`` with ``negate``) as rows: ``−x + (x Uᵀ) V``."""
-        return _product(x, self.U, self.V, negate)
+    def rmatvec(self, x: Tensor, *, negate: bool = False, out: Tensor | None = None) -> Tensor:
+        """``xᵀ H`` (``−xᵀ H`` with ``negate``) as rows: ``−x + (x Uᵀ) V``; ``out`` as in :meth:`matvec`."""
+        return _product(x, self.U, self.V, negate, out)
 
     def transpose(self) -> LowRankInverse:
         """``Hᵀ = −I + Σᵢ vᵢ uᵢᵀ``: the factors swapped (the estimate for the transposed system)."""
         return LowRankInverse(self.V, self.U)
 
 
-def _product(x: Tensor, first: Tensor, second: Tensor, negate: bool) -> Tensor:
+def _product(x: Tensor, first: Tensor, second: Tensor, negate: bool, out: Tensor | None = None) -> Tensor:
     """``∓x ± (x firstᵀ) second`` in one fused kernel; with rank 0 ``x`` itself (``negate``) or ``−x``."""
     if first.shape[1] == 0:
-        return x if negate else -x
+        if out is None:
+            return x if negate else -x
+        return out.copy_(x) if negate else torch.neg(x, out=out)
     rows = x if x.dim() == 3 else x[:, None]
+    target = None if out is None else (out if out.dim() == 3 else out[:, None])
     coefficients = torch.bmm(rows, first.transpose(1, 2))
     # baddbmm: beta · rows + alpha · (coefficients @ second)
-    out = (
-        torch.baddbmm(rows, coefficients, second, beta=1, alpha=-1)
-        if negate
-        else torch.baddbmm(rows, coefficients, second, beta=-1)
-    )
-    return out if x.dim() == 3 else out[:, 0]
+    if negate:
+        product = torch.baddbmm(rows, coefficients, second, beta=1, alpha=-1, out=target)
+    else:
+        product = torch.baddbmm(rows, coefficients, second, beta=-1, out=target)
+    return product if x.dim() == 3 else product[:, 0]

@@ -41,6 +41,23 @@ def test_products_equal_the_dense_matrix(rank, rows):
     assert H.rank == rank and x.shape == H.matvec(x).shape
 
 
+@pytest.mark.parametrize("rank", [0, 1, 4])
+@pytest.mark.parametrize("rows", [None, 2])
+@pytest.mark.parametrize("negate", [False, True])
+def test_products_written_into_out_equal_the_returned_ones(rank, rows, negate):
+    """``out=`` (how Broyden writes a new pair into its own buffer slot) gives the same values, in ``out``, for both
+    products, for factors that are strided views (Broyden's slot-major buffers) and for rank 0."""
+    slots = torch.randn(8, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    U, V = slots[:rank].transpose(0, 1), slots[rank : 2 * rank].transpose(0, 1)  # (B, rank, N), not contiguous
+    H = LowRankInverse(U, V)
+    x = torch.randn((3, 7) if rows is None else (3, rows, 7), dtype=torch.float64)
+    for product in (H.matvec, H.rmatvec):
+        out = torch.full_like(x, float("nan"))
+        returned = product(x, negate=negate, out=out)
+        assert returned.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, product(x, negate=negate), rtol=1e-15, atol=1e-15)
+
+
 def test_rank_zero_is_minus_the_identity_bitwise():
     x = torch.randn(2, 5)
     H = LowRankInverse.identity(x)

@@ -188,7 +188,7 @@ def test_broyden_memory_does_not_grow_with_max_iter():
         shapes[max_iter] = (solver.U.shape, solver.V.shape)
         assert result.inverse_jacobian.rank <= 7
         assert result.inverse_jacobian.U.shape == result.inverse_jacobian.V.shape
-    assert shapes[30] == shapes[300] == ((4, 7, 32), (4, 7, 32))
+    assert shapes[30] == shapes[300] == ((7, 4, 32), (7, 4, 32))  # slot-major buffers: (memory, B, N)
 
 
 # ------------------------------------------------------------------------------------------- per-sample stopping

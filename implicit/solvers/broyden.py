@@ -22,6 +22,20 @@ def _inverse_or_zero(denominator: Tensor, differentiable: bool) -> Tensor:
     return torch.where(ok, 1.0 / torch.where(ok, denominator, 1.0), 0.0)
 
 
+#: Rows of at least this many elements in all (``B·N``) are dotted by ``bmm`` on the CPU (below, ``vecdot``'s two
+#: small kernels dispatch faster than a batched matrix product; measured crossover 2¹⁶ with one thread).
+BMM_DOT_MIN_ELEMENTS = 1 << 16
+
+
+def _row_dot(a: Tensor, b: Tensor, traced: bool) -> Tensor:
+    """Dot products of rows ``(B, 1, N)``, ``(B, 1)``. ``vecdot`` multiplies into a temporary of the operands' size
+    and sums it, which the compiler fuses (traced) and which is cheapest for small CPU rows; otherwise one ``bmm``,
+    which reads each operand once and writes nothing of their size."""
+    if traced or (a.device.type == "cpu" and a.numel() < BMM_DOT_MIN_ELEMENTS):
+        return torch.linalg.vecdot(a, b)
+    return torch.bmm(a, b.transpose(1, 2))[:, :, 0]
+
+
 class Broyden(Solver):
     """Good Broyden with a low-rank inverse Jacobian ``H ≈ (J − I)⁻¹ = −I + Σ_i u_i v_iᵀ``.
 
@@ -73,47 +87,61 @@ class Broyden(Solver):
             self.u_rows: list[Tensor] = [] if initial is None else list(initial.U.split(1, dim=1))
             self.v_rows: list[Tensor] = [] if initial is None else list(initial.V.split(1, dim=1))
             return
-        # Only the first `count` rows are ever read: no need to zero-fill (costly for large memory × N).
-        self.U = z0.new_empty(batch, self.memory, n)
-        self.V = z0.new_empty(batch, self.memory, n)
+        # Slot-major buffers (memory, B, N): each pair is a block of its own, which the kernels computing a new pair
+        # write in place (out=) while reading the other blocks. Only the first `count` slots are ever read: no need
+        # to zero-fill (costly for large memory × N).
+        self.U = z0.new_empty(self.memory, batch, n)
+        self.V = z0.new_empty(self.memory, batch, n)
         if initial is not None and count:
-            self.U[:, :count] = initial.U
-            self.V[:, :count] = initial.V
+            self.U[:count] = initial.U.transpose(0, 1)
+            self.V[:count] = initial.V.transpose(0, 1)
         self.estimates: dict[int, LowRankInverse] = {}  # views of the buffers by rank
+        self.slots: dict[int, tuple[Tensor, Tensor]] = {}  # rows (B, 1, N) of slot r of U and V
+
+    def _slot(self, r: int) -> tuple[Tensor | None, Tensor | None]:
+        """Where the pair stored in slot r is computed: views of the buffers, or ``None`` (out of place) when the
+        steps are differentiable or traced."""
+        if self.differentiable:
+            return None, None
+        slot = self.slots.get(r)
+        if slot is None:
+            slot = self.slots[r] = (self.U[r, :, None], self.V[r, :, None])
+        return slot
 
     def _store(self, r: int, u: Tensor, v: Tensor) -> None:
-        """Put the pair ``(u, v)`` (rows ``(B, 1, N)``) in slot r. Computed out of place and copied: an ``out=``
-        into the factor buffers, which the same kernels read, takes PyTorch's slow overlapping-memory path."""
+        """Put the pair ``(u, v)`` (rows ``(B, 1, N)``) in slot r (a no-op for the buffers when they were computed
+        there)."""
         if self.traced:
             del self.u_rows[r:], self.v_rows[r:]
             self.u_rows.append(u)
             self.v_rows.append(v)
-        else:
-            if self.differentiable:  # autograd saved the old buffers: write into fresh ones
-                self.U, self.V = self.U.clone(), self.V.clone()
-            self.U[:, r : r + 1] = u
-            self.V[:, r : r + 1] = v
+        elif self.differentiable:  # autograd saved the old buffers: write into fresh ones
+            self.U, self.V = self.U.clone(), self.V.clone()
+            self.U[r] = u[:, 0]
+            self.V[r] = v[:, 0]
         self.count = r + 1
 
     def _estimate(self, rank: int) -> LowRankInverse:
-        """``H`` from the first ``rank`` stored pairs."""
+        """``H`` from the first ``rank`` stored pairs (factors ``(B, rank, N)``, views of the slot-major buffers)."""
         if self.differentiable:  # the buffers are replaced at every store
-            return LowRankInverse(self.U[:, :rank], self.V[:, :rank])
+            return LowRankInverse(self.U[:rank].transpose(0, 1), self.V[:rank].transpose(0, 1))
         estimate = self.estimates.get(rank)
         if estimate is None:
-            estimate = self.estimates[rank] = LowRankInverse(self.U[:, :rank], self.V[:, :rank])
+            estimate = LowRankInverse(self.U[:rank].transpose(0, 1), self.V[:rank].transpose(0, 1))
+            self.estimates[rank] = estimate
         return estimate
 
-    def _products(self, rank: int, y: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        """``H y`` and ``sᵀ H`` (rows ``(B, 1, N)``) with the first ``rank`` stored pairs."""
+    def _products(self, rank: int, g: Tensor, s: Tensor, v_out: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``−H g`` and ``sᵀ H`` (rows ``(B, 1, N)``) with the first ``rank`` stored pairs; ``sᵀ H`` written into
+        ``v_out`` when given."""
         if not self.traced:
             estimate = self._estimate(rank)
-            return estimate.matvec(y), estimate.rmatvec(s)
-        h_y, s_h = -y, -s  # H = −I + Σ u_i v_iᵀ, term by term (fused by torch.compile)
+            return estimate.matvec(g, negate=True), estimate.rmatvec(s, out=v_out)
+        minus_h_g, s_h = g, -s  # H = −I + Σ u_i v_iᵀ, term by term (fused by torch.compile)
         for u, v in zip(self.u_rows[:rank], self.v_rows[:rank]):
-            h_y = h_y + u * torch.linalg.vecdot(v, y)[..., None]
+            minus_h_g = minus_h_g - u * torch.linalg.vecdot(v, g)[..., None]
             s_h = s_h + v * torch.linalg.vecdot(u, s)[..., None]
-        return h_y, s_h
+        return minus_h_g, s_h
 
     def step(self, z: Tensor, fz: Tensor) -> Tensor:
         g = fz - z
@@ -121,26 +149,28 @@ class Broyden(Solver):
             if not self.traced:
                 step = self._estimate(self.count).matvec(g, negate=True)
             else:
-                step = g if self.count == 0 else -self._products(self.count, g[:, None], g[:, None])[0][:, 0]
+                step = g if self.count == 0 else self._products(self.count, g[:, None], g[:, None], None)[0][:, 0]
         else:
             prev_g, prev_step = self.previous
-            s = prev_step[:, None]  # rows (B, 1, N)
-            y = (g - prev_g)[:, None]
+            s, g_row = prev_step[:, None], g[:, None]  # rows (B, 1, N)
             r = 0 if self.count == self.memory else self.count  # restart: H ← −I, this pair computed against −I
+            u_out, v_out = self._slot(r)
             if r:
-                h_y, v = self._products(r, y, s)  # H y and vᵀ = sᵀ H
-                minus_h_g = s - h_y  # −H g = −(H g_prev + H y) and H g_prev = −s, the previous step
+                # The previous step was s = −H g_prev, so with y = g − g_prev: s − H y = −H g and
+                # vᵀy = sᵀH g − sᵀH g_prev = vᵀg + sᵀs. Neither y nor H y is formed.
+                minus_h_g, v = self._products(r, g_row, s, v_out)  # −H g and vᵀ = sᵀ H
+                v_g = _row_dot(v, g_row, self.traced)
+                v_y = v_g + _row_dot(s, s, self.traced)
                 direction = minus_h_g
             else:
-                v = -s
-                minus_h_g = g[:, None]
-                direction = s + y
+                y = g_row - prev_g[:, None]
+                v, minus_h_g, direction = torch.neg(s, out=v_out), g_row, s + y
+                v_g, v_y = _row_dot(v, g_row, self.traced), _row_dot(v, y, self.traced)
             # u = (s − H y) / (vᵀ y); a zero or non-finite denominator leaves a zero pair (no update)
-            inv = _inverse_or_zero(torch.linalg.vecdot(v, y), self.differentiable)
-            u = direction * inv[:, :, None]
+            u = torch.mul(direction, _inverse_or_zero(v_y, self.differentiable)[:, :, None], out=u_out)
             self._store(r, u, v)
-            # −H_new g = −H g − u (v·g)
-            step = torch.addcmul(minus_h_g, u, torch.linalg.vecdot(v, g[:, None])[:, :, None], value=-1)[:, 0]
+            # −H_new g = −H g − u (vᵀg)
+            step = torch.addcmul(minus_h_g, u, v_g[:, :, None], value=-1)[:, 0]
         self.previous = (g, step)
         return z + step
 
