@@ -16,6 +16,9 @@ Three tables (markdown on stdout; ``--write`` also replaces the generated sectio
 3. Backward: one forward + backward with exact implicit differentiation against TorchDEQ's IFT, with VJP counts and
    the gradient error against a dense float64 solve.
 
+With ``--only execution`` (not part of the default run, which is the generated section): table 4, the execution
+modes (eager, ``torch.compile``d and, on CUDA, CUDA-graph) of a fixed-budget solve beside the bare loop in each mode.
+
 All timings: interleaved rounds (every case once per round, so load changes hit all cases alike), warm-up rounds
 first, median (and min) over ``--repeats`` rounds; float32; ``torch.set_num_threads(--threads)``; autograd off
 except in table 3. Ratios are per f-evaluation, so solvers that evaluate f once more or less than K times compare
@@ -1085,8 +1088,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="problem instances in tables 2 (default 3)")
     parser.add_argument(
         "--only",
-        default="overhead,tolerance,backward,execution",
-        help="comma-separated subset of overhead,tolerance,backward,execution",
+        default="overhead,tolerance,backward",
+        help="comma-separated subset of overhead,tolerance,backward,execution (default: the first three, the "
+        "generated section of RESULTS.md; execution compiles for minutes and has a section of its own)",
     )
     parser.add_argument(
         "--compile-iters",
