@@ -132,3 +132,13 @@ def test_the_readme_gives_every_registered_components_options_and_defaults(regis
             numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", described.group(1))]
             given = default in numbers if isinstance(default, (int, float)) else f'"{default}"' in described.group(1)
             assert given, f"{name}: the default of {option} ({default!r}) is not in the README: {described.group(1)}"
+
+
+def test_every_mutant_of_the_mutation_script_applies_to_the_current_code():
+    """``python -m benchmarks.mutation`` rewrites one exact text per mutant; a refactor that changes that text makes
+    the mutant unusable (the script refuses to run it), and the measured strength of the suite silently shrinks.
+    Every target must occur exactly once in the current sources. (This test lives outside the mutants' test files:
+    in a mutated copy the target is gone by design.)"""
+    from benchmarks.mutation import MUTANTS, check_targets
+
+    check_targets(ROOT, MUTANTS)  # UsageError naming each stale mutant

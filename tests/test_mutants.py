@@ -230,15 +230,3 @@ def test_anderson_rejects_mixing_and_window_outside_their_ranges(solver_options,
     with pytest.raises(ValueError, match=re.escape(message)):
         implicit.ImplicitOptions(solver="anderson", solver_options=solver_options)
     implicit.ImplicitOptions(solver="anderson", solver_options={"beta": 1.0, "m": 1})  # the closed ends are valid
-
-
-# ------------------------------------------------------------------------------------------- the mutation script
-def test_every_mutant_of_the_mutation_script_applies_to_the_current_code():
-    """``python -m benchmarks.mutation`` rewrites one exact text per mutant; a refactor that changes that text would
-    make the mutant unusable (the script refuses to run it), so the measurement of the suite's strength would
-    silently shrink. Every target must occur exactly once in the current sources."""
-    from pathlib import Path
-
-    from benchmarks.mutation import MUTANTS, check_targets
-
-    check_targets(Path(__file__).resolve().parent.parent, MUTANTS)  # UsageError naming each stale mutant
