@@ -42,7 +42,10 @@ class Broyden(Solver):
     Step ``Δ = −H g``; after each step the pair from ``s = z_{k+1} − z_k``, ``y = g_{k+1} − g_k`` is
     ``vᵀ = sᵀH``, ``u = (s − H y) / (vᵀ y)`` (Sherman–Morrison form of Broyden's update). A pair whose denominator is
     zero or non-finite is stored as zeros. At most ``memory`` pairs are kept: when full, all are dropped (restart,
-    ``H ← −I``) and the new pair is computed against ``−I`` — memory never grows with ``max_iter``.
+    ``H ← −I``) and the new pair is computed against ``−I`` — memory never grows with ``max_iter``. Since the previous
+    step was ``s = −H g_k``, ``s − H y = −H g_{k+1}`` and ``vᵀy = vᵀg_{k+1} + sᵀs``: a step forms ``−H g`` and
+    ``sᵀH`` (two products with the stored pairs) and never ``y`` or ``H y``, and the step taken is ``−H g`` to
+    rounding, with no recurrence between steps.
 
     Args:
         memory: stored pairs at most.
