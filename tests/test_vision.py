@@ -177,6 +177,16 @@ def test_errors_name_the_problem(tmp_path):
         hrnet_to_mdeq(net, num_classes=10, max_itr=3)
     with pytest.raises(ValueError, match="multiples of 32"):
         hrnet_to_mdeq(net, num_classes=10, **TINY)(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="pretrain_steps of hrnet_to_mdeq must be an integer ≥ 0, got -1"):
+        hrnet_to_mdeq(net, num_classes=10, pretrain_steps=-1)
+    with pytest.raises(ValueError, match="pretrain_depth of hrnet_to_mdeq must be an integer ≥ 1, got True"):
+        hrnet_to_mdeq(net, num_classes=10, pretrain_depth=True)
+    with pytest.raises(ValueError, match="TrainConfig: unknown method 'deq'; valid: mdeq, stacked"):
+        TrainConfig(method="deq")
+    with pytest.raises(ValueError, match="TrainConfig: shift must be ≥ 0, got -1"):
+        TrainConfig(shift=-1)
+    with pytest.raises(ValueError, match="TrainConfig: epochs must be ≥ 1, got 0"):
+        TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="unknown data set"):
         parse_spec("mnist")
     with pytest.raises(ValueError, match="needs the folder"):

@@ -9,7 +9,6 @@ seed and ``k`` (a per-epoch permutation), so a resumed run continues exactly whe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -26,6 +25,7 @@ from torchvision.models import optical_flow
 from implicit import ImplicitInfo
 
 from ..checkpoints import read_training_state, restore_training_state, save_training_state
+from ..run_config import RunConfig
 from .data import AUGMENTATION_PRESETS, FlowAugmentation, flow_dataset, pad_to_multiple
 from .metrics import FlowMetrics, sequence_loss
 from .model import DEQFlow, raft_to_deq_flow
@@ -37,7 +37,7 @@ CONVERSION_KEYWORDS = ("checkpoint_encoders", "h0", "eval_max_iter", "preset", "
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything that defines a training run (saved in its checkpoints).
 
     Attributes:
@@ -86,25 +86,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.size = (int(self.size[0]), int(self.size[1]))
-        if self.method not in METHODS:
-            raise ValueError(f"TrainConfig: unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"TrainConfig: unknown model {self.model!r}; valid: {', '.join(MODELS)}")
-        if self.augment not in ("auto", "none", *AUGMENTATION_PRESETS):
-            valid = ", ".join(("auto", "none", *AUGMENTATION_PRESETS))
-            raise ValueError(f"TrainConfig: unknown augmentation {self.augment!r}; valid: {valid}")
-        for name in ("batch_size", "steps", "val_every", "updates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be ≥ 1, got {getattr(self, name)}")
+        self.check_choice("method", METHODS)
+        self.check_choice("model", MODELS)
+        self.check_choice("augment", ("auto", "none", *AUGMENTATION_PRESETS), label="augmentation")
+        self.check_at_least(1, "batch_size", "steps", "val_every", "updates")
         if self.method == "raft" and self.implicit:
             raise ValueError("TrainConfig: the RAFT baseline takes no DEQ options (implicit=...)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return cls(**values)
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from adapters.hrnet import HRNetStageBlock, hrnet_stage_block
 from implicit import ImplicitInfo, ImplicitModule, ImplicitOptions
+from implicit.options import check_number
 
 STAGES = ("stage2", "stage3", "stage4")
 HEADS = ("light", "timm")
@@ -296,9 +297,8 @@ def hrnet_to_mdeq(
     """
     net = _network(model_or_name, "hrnet_to_mdeq")
     _check(net, stage, num_classes, head, "hrnet_to_mdeq")
-    for name, value in (("pretrain_steps", pretrain_steps), ("pretrain_depth", pretrain_depth)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name[-1] == "s" else 1)):
-            raise ValueError(f"hrnet_to_mdeq: {name} must be an integer ≥ {0 if name[-1] == 's' else 1}, got {value!r}")
+    check_number("pretrain_steps of hrnet_to_mdeq", pretrain_steps, minimum=0, integer=True)
+    check_number("pretrain_depth of hrnet_to_mdeq", pretrain_depth, minimum=1, integer=True)
     options = ImplicitOptions().replace(**{**DEFAULTS, **implicit_options})
     return MDEQClassifier(
         net,

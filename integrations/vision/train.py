@@ -10,7 +10,6 @@ checkpoint holds the random states, so a resumed run continues as the uninterrup
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from implicit import ImplicitInfo
 
 from ..checkpoints import read_training_state, restore_training_state, save_training_state
+from ..run_config import RunConfig
 from .data import ImageSet, image_dataset
 from .model import HEADS, STAGES, MDEQClassifier, hrnet_classifier, hrnet_to_mdeq
 
@@ -32,7 +32,7 @@ METHODS = ("mdeq", "stacked")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything that defines a training run (saved in its checkpoints).
 
     Attributes:
@@ -67,26 +67,13 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"TrainConfig: unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.stage not in STAGES:
-            raise ValueError(f"TrainConfig: unknown stage {self.stage!r}; valid: {', '.join(STAGES)}")
-        if self.head not in HEADS:
-            raise ValueError(f"TrainConfig: unknown head {self.head!r}; valid: {', '.join(HEADS)}")
-        for name in ("batch_size", "epochs", "size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be ≥ 1, got {getattr(self, name)}")
-        if self.shift < 0:
-            raise ValueError(f"TrainConfig: shift must be ≥ 0, got {self.shift}")
+        self.check_choice("method", METHODS)
+        self.check_choice("stage", STAGES)
+        self.check_choice("head", HEADS)
+        self.check_at_least(1, "batch_size", "epochs", "size", "eval_batch_size")
+        self.check_at_least(0, "shift")
         if self.method == "stacked" and (self.implicit or self.pretrain_steps):
             raise ValueError("TrainConfig: the stacked baseline takes no DEQ options (implicit, pretrain_steps)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return cls(**values)
 
 
 def build_model(config: TrainConfig, num_classes: int = 10) -> nn.Module:
