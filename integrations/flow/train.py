@@ -9,7 +9,6 @@ seed and ``k`` (a per-epoch permutation), so a resumed run continues exactly whe
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,7 @@ from torchvision.models import optical_flow
 from implicit import ImplicitInfo
 
 from ..checkpoints import read_training_state, restore_training_state, save_training_state
-from ..run_config import RunConfig
+from ..runs import RunConfig, progress_bar, save_history
 from .data import AUGMENTATION_PRESETS, FlowAugmentation, flow_dataset, pad_to_multiple
 from .metrics import FlowMetrics, sequence_loss
 from .model import DEQFlow, raft_to_deq_flow
@@ -335,7 +334,7 @@ def train(
     train_set, val_set = training_data(c)
     batches = StepBatches(pairs_in(train_set), c.batch_size, seed=c.seed, start=run.step, stop=stop)
     loader = DataLoader(train_set, batch_sampler=_DrawBatches(batches), num_workers=c.workers)
-    bar = _progress(progress, initial=run.step, total=c.steps)
+    bar = progress_bar(progress, initial=run.step, total=c.steps)
     for image1, image2, flow, valid in loader:
         model.train()
         if c.freeze_bn:
@@ -367,12 +366,6 @@ def train(
         bar.update(1)
     bar.close()
     return run
-
-
-def _progress(enabled: bool, *, initial: int, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
 
 
 def _postfix(bar: Any, record: dict[str, float], validation: dict[str, float] | None) -> None:
@@ -418,9 +411,4 @@ def budget_table(
 
 def write_history(run: Run, path: str | Path) -> Path:
     """The run's per-step records and validations as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"config": run.config.to_dict(), "history": run.history, "validations": run.validations}, indent=1)
-    )
-    return path
+    return save_history(path, run.config, history=run.history, validations=run.validations)

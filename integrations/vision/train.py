@@ -10,7 +10,6 @@ checkpoint holds the random states, so a resumed run continues as the uninterrup
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from implicit import ImplicitInfo
 
 from ..checkpoints import read_training_state, restore_training_state, save_training_state
-from ..run_config import RunConfig
+from ..runs import RunConfig, progress_bar, save_history
 from .data import ImageSet, image_dataset
 from .model import HEADS, STAGES, MDEQClassifier, hrnet_classifier, hrnet_to_mdeq
 
@@ -271,7 +270,7 @@ def train(
             f"{len(train_set) // c.batch_size}: pass the run's own training set"
         )
     stop = c.epochs if stop_at_epoch is None else min(stop_at_epoch, c.epochs)
-    bar = _progress(progress, initial=run.step, total=c.epochs * run.steps_per_epoch)
+    bar = progress_bar(progress, initial=run.step, total=c.epochs * run.steps_per_epoch)
     while run.epoch < stop:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(c.seed * 1_000_003 + run.epoch))
         started, losses, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -339,12 +338,6 @@ def describe_epoch(summary: dict[str, float]) -> str:
     return line + f" | {summary['seconds']:.0f} s"
 
 
-def _progress(enabled: bool, *, initial: int, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
-
-
 def _postfix(bar: Any, record: dict[str, float]) -> None:
     shown = {"loss": f"{record['loss']:.3f}"}
     if "nfe" in record:
@@ -354,12 +347,7 @@ def _postfix(bar: Any, record: dict[str, float]) -> None:
 
 def write_history(run: Run, path: str | Path) -> Path:
     """The run's config, per-step records and per-epoch summaries as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"config": run.config.to_dict(), "history": run.history, "epochs": run.epochs}, indent=1)
-    )
-    return path
+    return save_history(path, run.config, history=run.history, epochs=run.epochs)
 
 
 def count_parameters(model: nn.Module) -> int:

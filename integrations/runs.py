@@ -1,10 +1,13 @@
-"""The base of the integrations' training configurations (dataclasses saved in their checkpoints): validation with
-messages that name the configuration, and the dict round trip the checkpoints store."""
+"""Pieces shared by the integrations' training runs: the base of their configurations (dataclasses saved in their
+checkpoints: validation with messages that name the configuration, the dict round trip), the progress bar and the
+history file."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 ConfigT = TypeVar("ConfigT", bound="RunConfig")
@@ -31,3 +34,18 @@ class RunConfig:
         for name in fields:
             if getattr(self, name) < minimum:
                 raise ValueError(f"{type(self).__name__}: {name} must be ≥ {minimum}, got {getattr(self, name)}")
+
+
+def progress_bar(enabled: bool, *, initial: int, total: int) -> Any:
+    """A tqdm bar over training steps (disabled: a bar that prints nothing)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
+
+
+def save_history(path: str | Path, config: RunConfig, **records: Any) -> Path:
+    """``{"config": ..., **records}`` as JSON at ``path`` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config.to_dict(), **records}, indent=1))
+    return path
